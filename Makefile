@@ -1,0 +1,45 @@
+# fastkd: `make demo` and `make test` set everything up from nothing (a .venv with torch, the build
+# tools and fastkd built against that torch); a second run only rebuilds what changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc cmake -type f 2>/dev/null)
+
+.PHONY: install test demo bench lint clean wheel
+
+install: $(VENV)/.fastkd-built
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: fastkd is built against the torch that is installed (no build isolation).
+$(VENV)/.deps: | $(PY)
+	$(PY) -m pip install -q torch numpy "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.26" ninja
+	touch $@
+
+$(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q -e ".[dev]"  --no-build-isolation
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m fastkd demo --out demo-output
+
+bench: install
+	$(PY) benchmarks/bench_loss.py
+
+lint: install
+	$(VENV)/bin/ruff check fastkd tests benchmarks
+
+# A wheel for chosen CUDA archs, e.g. `make wheel TORCH_CUDA_ARCH_LIST="8.0;9.0"`.
+wheel: $(VENV)/.deps
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist $(VENV)/.fastkd-built

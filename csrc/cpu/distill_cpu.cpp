@@ -1,0 +1,135 @@
+// CPU implementation of the fastkd ops: checks, output allocation, ISA choice, reduction.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/DispatchStub.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/distill_cpu_kernel.h"
+#include "cpu/cpu_capability.h"
+#include "distill_op.h"
+
+namespace fastkd::cpu {
+namespace {
+
+using RowsKernel = void (*)(const RowsArgs&);
+
+RowsKernel select_kernel() {
+  switch (active_capability()) {
+#ifdef FASTKD_HAVE_ISA_AVX512
+    case Capability::AVX512: return distill_rows_AVX512;
+#endif
+#ifdef FASTKD_HAVE_ISA_AVX2
+    case Capability::AVX2: return distill_rows_AVX2;
+#endif
+    default: return distill_rows_DEFAULT;
+  }
+}
+
+// Rows whose target is not ignore_index; raises IndexError for a target outside [0, vocab).
+int64_t count_unmasked_rows(const at::Tensor& target, int64_t vocab, int64_t ignore_index) {
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  int64_t unmasked = 0;
+  for (int64_t i = 0; i < target.numel(); ++i) {
+    if (y[i] == ignore_index) continue;
+    TORCH_CHECK_INDEX(y[i] >= 0 && y[i] < vocab, "target value ", y[i], " at row ", i,
+                      " is out of range: expected a class index in [0, ", vocab, ") or ignore_index (",
+                      ignore_index, ")");
+    ++unmasked;
+  }
+  return unmasked;
+}
+
+at::Tensor reduce_rows(const std::vector<double>& rows, Reduction reduction, double scale, at::ScalarType dtype) {
+  if (reduction == Reduction::None) {
+    at::Tensor out = at::empty({int64_t(rows.size())}, at::TensorOptions().dtype(at::kDouble));
+    std::copy(rows.begin(), rows.end(), out.data_ptr<double>());
+    return out.to(dtype);
+  }
+  double total = 0;  // rows in a fixed order: the result does not depend on the thread count
+  for (double r : rows) total += r;
+  return at::scalar_tensor(total * scale, at::TensorOptions().dtype(dtype));
+}
+
+ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& target, double temperature, double alpha,
+                                   int64_t ignore_index, double label_smoothing, bool scale_by_temperature_squared,
+                                   c10::string_view reduction, int64_t batch_size, bool student_grad,
+                                   bool teacher_grad) {
+  const PreparedCall call =
+      prepare_call(student, teacher, target, temperature, alpha, ignore_index, label_smoothing,
+                   scale_by_temperature_squared, reduction, batch_size, student_grad, teacher_grad);
+  at::Tensor s = student.contiguous();
+  at::Tensor t = teacher.contiguous();
+  if (call.float64) {
+    s = s.to(at::kDouble);
+    t = t.to(at::kDouble);
+  }
+  at::Tensor y;
+  int64_t unmasked = call.rows;
+  if (target.has_value()) {
+    y = target->to(at::kLong).contiguous();
+    unmasked = count_unmasked_rows(y, call.vocab, ignore_index);
+  }
+  const double scale = reduction_scale(call.reduction, unmasked, call.batch_size);
+
+  // Gradients come back in the dtype of the logits they belong to.
+  at::Tensor grad_s = student_grad ? at::empty(s.sizes(), student.options().dtype(s.scalar_type()))
+                                   : at::empty({0}, student.options());
+  at::Tensor grad_t;
+  if (teacher_grad) {
+    auto opts = teacher.options().dtype(t.scalar_type());
+    grad_t = call.params.has_soft ? at::empty(t.sizes(), opts) : at::zeros(t.sizes(), opts);
+  } else {
+    grad_t = at::empty({0}, teacher.options());
+  }
+
+  std::vector<double> row_loss(call.rows), row_soft(call.rows), row_hard(call.rows);
+  RowsArgs args;
+  args.student = s.const_data_ptr();
+  args.teacher = t.const_data_ptr();
+  args.student_dtype = s.scalar_type();
+  args.teacher_dtype = t.scalar_type();
+  args.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
+  args.ignore_index = ignore_index;
+  args.rows = call.rows;
+  args.vocab = call.vocab;
+  args.params = call.params;
+  args.grad_scale = scale;
+  args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
+  args.grad_teacher = (teacher_grad && call.params.has_soft) ? grad_t.data_ptr() : nullptr;
+  args.row_loss = row_loss.data();
+  args.row_soft = row_soft.data();
+  args.row_hard = row_hard.data();
+  if (call.rows > 0) select_kernel()(args);
+
+  // A float32 / half logit paired with a float64 one was computed in float64; its gradient goes back
+  // in its own dtype.
+  if (student_grad && grad_s.scalar_type() != student.scalar_type()) grad_s = grad_s.to(student.scalar_type());
+  if (teacher_grad && grad_t.scalar_type() != teacher.scalar_type()) grad_t = grad_t.to(teacher.scalar_type());
+  const at::ScalarType loss_dtype = call.float64 ? at::kDouble : at::kFloat;
+  return {reduce_rows(row_loss, call.reduction, scale, loss_dtype),
+          reduce_rows(row_soft, call.reduction, scale, loss_dtype),
+          reduce_rows(row_hard, call.reduction, scale, loss_dtype), grad_s, grad_t};
+}
+
+void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_output) {
+  if (grad_output.numel() == 1) {
+    if (grad_output.item<double>() == 1.0) return;  // the usual loss.backward(): nothing to do
+    grad.mul_(grad_output.reshape({}));
+    return;
+  }
+  TORCH_CHECK_VALUE(grad_output.numel() == grad.size(0), "fastkd::scale_grad_: grad_output has ",
+                    grad_output.numel(), " values for ", grad.size(0), " rows");
+  grad.mul_(grad_output.reshape({grad.size(0), 1}).to(grad.scalar_type()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("distill_forward", &distill_forward_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu_);
+}
+
+}  // namespace fastkd::cpu

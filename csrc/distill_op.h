@@ -1,0 +1,99 @@
+// Host-side checks and set-up shared by the CPU and CUDA implementations of fastkd::distill_forward.
+// The Python layer validates first with friendlier messages; these checks guard direct op calls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "distill_row.h"
+
+namespace fastkd {
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline Reduction parse_reduction(c10::string_view name) {
+  if (name == "mean") return Reduction::Mean;
+  if (name == "sum") return Reduction::Sum;
+  if (name == "batchmean") return Reduction::BatchMean;
+  if (name == "none") return Reduction::None;
+  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'batchmean', 'none', got '",
+                    std::string(name), "'");
+}
+
+// Everything a backend needs to launch, derived once from the op's arguments.
+struct PreparedCall {
+  LossParams params;
+  Reduction reduction = Reduction::Mean;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int64_t batch_size = 0;
+  int64_t ignore_index = -100;
+  bool student_grad = false;
+  bool teacher_grad = false;
+  bool float64 = false;  // compute (and return the loss) in float64
+};
+
+inline PreparedCall prepare_call(const at::Tensor& student, const at::Tensor& teacher,
+                                 const std::optional<at::Tensor>& target, double temperature, double alpha,
+                                 int64_t ignore_index, double label_smoothing, bool scale_by_temperature_squared,
+                                 c10::string_view reduction, int64_t batch_size, bool student_grad,
+                                 bool teacher_grad) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::distill_forward: student_logits must be 2-D (rows, vocab), got ",
+                    student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fastkd::distill_forward: teacher_logits shape ",
+                    teacher.sizes(), " differs from student_logits shape ", student.sizes());
+  TORCH_CHECK(teacher.device() == student.device(), "fastkd::distill_forward: teacher_logits is on ",
+              teacher.device(), " but student_logits is on ", student.device());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "fastkd::distill_forward: the vocabulary (last dim) is empty");
+  for (const at::Tensor* x : {&student, &teacher}) {
+    const auto dt = x->scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+                     "fastkd::distill_forward: logits must be float32, bfloat16, float16 or float64, got ", dt);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "fastkd::distill_forward: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "fastkd::distill_forward: alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1,
+                    "fastkd::distill_forward: label_smoothing must be in [0, 1), got ", label_smoothing);
+  if (target.has_value()) {
+    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == student.size(0),
+                      "fastkd::distill_forward: target must have shape (", student.size(0), "), got ",
+                      target->sizes());
+    TORCH_CHECK_TYPE(!at::isFloatingType(target->scalar_type()) && !at::isComplexType(target->scalar_type()) &&
+                         target->scalar_type() != at::kBool,
+                     "fastkd::distill_forward: target must be an integer tensor, got ", target->scalar_type());
+    TORCH_CHECK(target->device() == student.device(), "fastkd::distill_forward: target is on ", target->device(),
+                " but student_logits is on ", student.device());
+  } else {
+    TORCH_CHECK_VALUE(alpha == 1.0, "fastkd::distill_forward: target is required when alpha < 1 (got alpha=",
+                      alpha, ")");
+  }
+
+  PreparedCall call;
+  call.reduction = parse_reduction(reduction);
+  call.rows = student.size(0);
+  call.vocab = student.size(1);
+  call.batch_size = batch_size;
+  call.ignore_index = ignore_index;
+  call.student_grad = student_grad;
+  call.teacher_grad = teacher_grad;
+  call.float64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+
+  LossParams& p = call.params;
+  p.inv_temperature = 1.0 / temperature;
+  p.alpha = alpha;
+  p.soft_weight = alpha * (scale_by_temperature_squared ? temperature * temperature : 1.0);
+  p.label_smoothing = label_smoothing;
+  p.vocab = call.vocab;
+  p.has_soft = alpha > 0;
+  p.has_hard = alpha < 1;
+  p.unit_temperature = temperature == 1.0;
+  return call;
+}
+
+}  // namespace fastkd

@@ -1,0 +1,226 @@
+// Per-row math of the distillation loss (../shared/SPEC.md), shared by the CPU and the CUDA kernels.
+//
+// A row is one sample: student logits s[0..V), teacher logits t[0..V). Everything a row needs is
+// gathered in one streaming pass into RowStats (online softmax: running maxima and rescaled sums,
+// mergeable across vocabulary chunks, threads or ranks), turned into the loss and a handful of
+// gradient coefficients by finalize(), and the gradient is then written element by element by
+// element_grads(). The element functions are templates over the value type, so the CPU kernel runs
+// them on at::vec::Vectorized lanes and the CUDA kernel on scalars; `Math` supplies exp and select.
+//
+// Maxima are tracked on the raw logits (not divided by T): exponents are (x - max) / T, which keeps
+// full precision at small T and large |logits|. Another divergence (reverse KL, JSD) adds its own
+// statistics next to the forward-KL ones (`w`) and its own lines in finalize() and element_grads().
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTKD_HD __host__ __device__ __forceinline__
+#else
+#define FASTKD_HD inline
+#endif
+
+// Each CPU ISA build (and the CUDA build) gets its own copy of these inline functions, so the linker
+// never picks an AVX2 copy for the portable path.
+#ifndef FASTKD_ISA
+#define FASTKD_ISA generic
+#endif
+
+namespace fastkd {
+
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2, BatchMean = 3 };
+
+// The scalar knobs of the loss, fixed for a whole call (plain data: shared by every ISA build).
+struct LossParams {
+  double inv_temperature = 1.0;
+  double alpha = 0.5;          // weight of the soft (distillation) term
+  double soft_weight = 0.5;    // alpha * (T^2 if scale_by_temperature_squared else 1)
+  double label_smoothing = 0.0;
+  int64_t vocab = 0;
+  bool has_soft = true;        // alpha > 0: the teacher is read at all
+  bool has_hard = true;        // alpha < 1: the cross-entropy term exists
+  bool unit_temperature = false;  // T == 1: softmax(s / T) is softmax(s), one exp stream less
+};
+
+inline namespace FASTKD_ISA {
+
+template <class acc_t>
+FASTKD_HD acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// max that propagates NaN from either side (std::max drops a NaN in its second argument).
+template <class acc_t>
+FASTKD_HD acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Factor that moves a sum of exp((x - old_max) * scale) onto new_max. A sum that is still empty
+// (old_max == -inf) is 0 whatever the factor; returning 0 avoids exp(-inf + inf) = NaN.
+template <class acc_t>
+FASTKD_HD acc_t rescale_factor(acc_t old_max, acc_t new_max, acc_t scale) {
+  if (old_max == neg_inf<acc_t>()) return acc_t(0);
+  return std::exp((old_max - new_max) * scale);
+}
+
+// Everything one row needs, in the single-pass form of SPEC.
+template <class acc_t>
+struct RowStats {
+  acc_t max_t = neg_inf<acc_t>();  // max_j t_j (raw)
+  acc_t sum_t = 0;                 // sum_j exp((t_j - max_t) / T)
+  acc_t w = 0;                     // sum_j exp((t_j - max_t) / T) * (t_j - s_j) / T
+  acc_t max_s = neg_inf<acc_t>();  // max_j s_j (raw)
+  acc_t sum_b = 0;                 // sum_j exp((s_j - max_s) / T)
+  acc_t sum_1 = 0;                 // sum_j exp(s_j - max_s)
+  acc_t sum_s = 0;                 // sum_j s_j (label smoothing)
+
+  // Moves the running sums onto new maxima (raw units) before a chunk relative to them is added.
+  FASTKD_HD void rebase(acc_t new_max_t, acc_t new_max_s, acc_t inv_t) {
+    const acc_t ft = rescale_factor(max_t, new_max_t, inv_t);
+    sum_t *= ft;
+    w *= ft;
+    sum_b *= rescale_factor(max_s, new_max_s, inv_t);
+    sum_1 *= rescale_factor(max_s, new_max_s, acc_t(1));
+    max_t = new_max_t;
+    max_s = new_max_s;
+  }
+
+  // Associative merge of two partial rows (vocabulary chunks, threads, ranks).
+  FASTKD_HD void merge(const RowStats& o, acc_t inv_t) {
+    RowStats other = o;
+    const acc_t mt = nan_max(max_t, o.max_t);
+    const acc_t ms = nan_max(max_s, o.max_s);
+    rebase(mt, ms, inv_t);
+    other.rebase(mt, ms, inv_t);
+    sum_t += other.sum_t;
+    w += other.w;
+    sum_b += other.sum_b;
+    sum_1 += other.sum_1;
+    sum_s += other.sum_s;
+  }
+
+  // Adds one element (scalar online update; the vector paths add whole chunks instead).
+  FASTKD_HD void push(acc_t s, acc_t t, const LossParams& p) {
+    const acc_t inv_t = acc_t(p.inv_temperature);
+    rebase(p.has_soft ? nan_max(max_t, t) : max_t, nan_max(max_s, s), inv_t);
+    if (p.has_soft && max_t != neg_inf<acc_t>()) {
+      const acc_t et = std::exp((t - max_t) * inv_t);
+      sum_t += et;
+      if (et > acc_t(0)) w += et * ((t - s) * inv_t);
+    }
+    if (max_s != neg_inf<acc_t>()) {
+      const acc_t eb = std::exp((s - max_s) * inv_t);
+      sum_b += eb;
+      sum_1 += p.unit_temperature ? eb : std::exp(s - max_s);
+    }
+    sum_s += s;
+  }
+};
+
+// What the gradient pass needs of a finished row. All gradient coefficients already include the
+// reduction's scale (1 / count for "mean", ...), so the kernels write the final gradient directly.
+template <class acc_t>
+struct RowCoeffs {
+  acc_t max_t, max_s, inv_t;
+  acc_t inv_sum_t, inv_sum_b, inv_sum_1;
+  acc_t soft_coef;       // alpha * c / T * scale: multiplies (q - p) and the teacher gradient
+  acc_t hard_coef;       // (1 - alpha) * scale: multiplies r
+  acc_t uniform;         // hard_coef * eps / V: the label-smoothing share of every class
+  acc_t target_coef;     // hard_coef * (1 - eps): subtracted at the target class
+  acc_t teacher_shift;   // (max_t - max_s) / T + log sum_t - log sum_b + soft: log p - log q - soft
+};
+
+template <class acc_t>
+struct RowLoss {
+  acc_t soft;  // KL(p || q)
+  acc_t hard;  // label-smoothed cross-entropy
+  acc_t loss;  // alpha * c * soft + (1 - alpha) * hard
+};
+
+// Turns the statistics of a whole row into its loss terms and gradient coefficients.
+// `s_target` is the student logit at the target class (unused when the hard term is off).
+template <class acc_t>
+FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, const LossParams& p,
+                                  acc_t grad_scale, RowCoeffs<acc_t>* coeffs) {
+  const acc_t inv_t = acc_t(p.inv_temperature);
+  const acc_t log_sum_t = std::log(st.sum_t);
+  const acc_t log_sum_b = std::log(st.sum_b);
+  const acc_t log_sum_1 = std::log(st.sum_1);
+  RowLoss<acc_t> out{acc_t(0), acc_t(0), acc_t(0)};
+  if (p.has_soft) {
+    // KL = E_p[a - b] - lse_a + lse_b, with the maxima split out of both lse.
+    out.soft = st.w / st.sum_t - (st.max_t - st.max_s) * inv_t - log_sum_t + log_sum_b;
+  }
+  if (p.has_hard) {
+    const acc_t eps = acc_t(p.label_smoothing);
+    const acc_t lse_minus_max = log_sum_1;  // lse(s) - max_s
+    out.hard = (acc_t(1) - eps) * (lse_minus_max + (st.max_s - s_target));
+    if (eps > acc_t(0)) {
+      out.hard += eps * (lse_minus_max + st.max_s - st.sum_s / acc_t(p.vocab));
+    }
+  }
+  out.loss = acc_t(p.soft_weight) * out.soft + acc_t(1.0 - p.alpha) * out.hard;
+  if (coeffs != nullptr) {
+    RowCoeffs<acc_t>& c = *coeffs;
+    c.max_t = st.max_t;
+    c.max_s = st.max_s;
+    c.inv_t = inv_t;
+    c.inv_sum_t = acc_t(1) / st.sum_t;
+    c.inv_sum_b = acc_t(1) / st.sum_b;
+    c.inv_sum_1 = acc_t(1) / st.sum_1;
+    c.soft_coef = p.has_soft ? acc_t(p.soft_weight) * inv_t * grad_scale : acc_t(0);
+    c.hard_coef = p.has_hard ? acc_t(1.0 - p.alpha) * grad_scale : acc_t(0);
+    c.uniform = c.hard_coef * acc_t(p.label_smoothing) / acc_t(p.vocab);
+    c.target_coef = c.hard_coef * (acc_t(1) - acc_t(p.label_smoothing));
+    c.teacher_shift = (st.max_t - st.max_s) * inv_t + log_sum_t - log_sum_b + out.soft;
+  }
+  return out;
+}
+
+// Gradients of one element (or one vector of elements) of a finished row, before the target
+// class correction (grad_s[y] -= target_coef), which the kernels apply once per row.
+//   d/ds = soft_coef * (q - p) + hard_coef * r - uniform
+//   d/dt = soft_coef * p * (log p - log q - soft)
+// V is a scalar or a vector type; Math provides exp(V) and zero_where_zero(V p, V x) (x, or 0 where p == 0).
+template <class Math, bool kSoft, bool kHard, bool kUnitT, class V, class acc_t>
+FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out) {
+  const V inv_t(c.inv_t);
+  V q(acc_t(0));
+  if constexpr (kSoft || kUnitT) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
+  V g(acc_t(0));
+  if constexpr (kSoft) {
+    const V p = Math::exp((t - V(c.max_t)) * inv_t) * V(c.inv_sum_t);
+    g = V(c.soft_coef) * (q - p);
+    if (p_out != nullptr) *p_out = p;
+  }
+  if constexpr (kHard) {
+    const V r = (kUnitT) ? q : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
+    g = g + V(c.hard_coef) * r - V(c.uniform);
+  }
+  return g;
+}
+
+// Teacher gradient from the p that element_student_grad computed. p == 0 (a -inf teacher logit)
+// contributes exactly 0 instead of 0 * -inf; a NaN p stays NaN.
+template <class Math, class V, class acc_t>
+FASTKD_HD V element_teacher_grad(V s, V t, V p, const RowCoeffs<acc_t>& c) {
+  const V log_ratio_minus_soft = (t - s) * V(c.inv_t) - V(c.teacher_shift);
+  return Math::zero_where_zero(p, V(c.soft_coef) * p * log_ratio_minus_soft);
+}
+
+// Scale of the reduction applied to every row's gradient (and to the summed loss).
+FASTKD_HD double reduction_scale(Reduction r, int64_t unmasked_rows, int64_t batch_size) {
+  switch (r) {
+    case Reduction::Mean:
+      return 1.0 / double(unmasked_rows > 0 ? unmasked_rows : 1);
+    case Reduction::BatchMean:
+      return 1.0 / double(batch_size > 0 ? batch_size : 1);
+    default:
+      return 1.0;
+  }
+}
+
+}  // namespace FASTKD_ISA
+}  // namespace fastkd

@@ -1,0 +1,15 @@
+// The operator schemas. Implementations register per dispatch key in cpu/ and cuda/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastkd, m) {
+  // Loss terms reduced as `reduction` says, and, when asked, the gradients of the reduced loss with
+  // respect to both logits (computed in the same pass; backward only scales them).
+  m.def(
+      "distill_forward(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+      "int ignore_index, float label_smoothing, bool scale_by_temperature_squared, str reduction, "
+      "int batch_size, bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_teacher)");
+  // grad *= grad_output in place: grad_output is a scalar, or one value per row of grad.
+  // A grad_output of exactly 1 leaves grad untouched without a pass over it.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+}

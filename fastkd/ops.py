@@ -1,0 +1,74 @@
+"""Torch glue for the compiled ops: fake (meta) implementations for torch.compile and the autograd
+formula. The forward op already returns the gradient of the reduced loss; backward only scales it by
+grad_output and never reads the logits again."""
+from __future__ import annotations
+
+import torch
+
+from fastkd import _C  # noqa: F401  (registers torch.ops.fastkd)
+
+distill_forward = torch.ops.fastkd.distill_forward
+scale_grad_ = torch.ops.fastkd.scale_grad_
+
+
+@torch.library.register_fake("fastkd::distill_forward")
+def _distill_forward_fake(
+    student, teacher, target, temperature, alpha, ignore_index, label_smoothing,
+    scale_by_temperature_squared, reduction, batch_size, student_grad, teacher_grad,
+):
+    loss_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    shape = (student.shape[0],) if reduction == "none" else ()
+    terms = [student.new_empty(shape, dtype=loss_dtype) for _ in range(3)]
+    grad_s = student.new_empty(student.shape if student_grad else (0,))
+    grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+    return (*terms, grad_s, grad_t)
+
+
+@torch.library.register_fake("fastkd::scale_grad_")
+def _scale_grad_fake(grad, grad_output):
+    return None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    reduction = inputs[8]
+    _, soft, hard, grad_s, grad_t = output
+    ctx.mark_non_differentiable(soft, hard, grad_s, grad_t)
+    ctx.save_for_backward(grad_s, grad_t)
+    ctx.reduction = reduction
+
+
+def _reuse_saved_gradient_in_place() -> bool:
+    """Scaling the saved gradient in place (and handing it to autograd, which then keeps it as .grad
+    without a copy) is safe only when this graph is freed after this backward: not under
+    retain_graph / create_graph, and not while torch.compile traces the backward."""
+    if torch.compiler.is_compiling():
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return False
+    try:
+        return not keep_graph()
+    except RuntimeError:  # not inside an autograd graph task
+        return False
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, in_place: bool) -> torch.Tensor:
+    if in_place:
+        scale_grad_(grad, grad_output)
+        return grad
+    go = grad_output.reshape(-1, 1) if reduction == "none" else grad_output
+    return grad * go.to(grad.dtype)
+
+
+def _backward(ctx, grad_loss, _grad_soft, _grad_hard, _grad_gs, _grad_gt):
+    grad_s, grad_t = ctx.saved_tensors
+    in_place = _reuse_saved_gradient_in_place()
+    d_student = d_teacher = None
+    if ctx.needs_input_grad[0] and grad_s.numel() > 0:
+        d_student = _scaled(grad_s, grad_loss, ctx.reduction, in_place)
+    if ctx.needs_input_grad[1] and grad_t.numel() > 0:
+        d_teacher = _scaled(grad_t, grad_loss, ctx.reduction, in_place)
+    return (d_student, d_teacher) + (None,) * 10
+
+
+torch.library.register_autograd("fastkd::distill_forward", _backward, setup_context=_setup_context)
