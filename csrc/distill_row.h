@@ -75,6 +75,7 @@ struct RowStats {
   acc_t sum_b = 0;                 // sum_j exp((s_j - max_s) / T)
   acc_t sum_1 = 0;                 // sum_j exp(s_j - max_s)
   acc_t sum_s = 0;                 // sum_j s_j (label smoothing)
+  acc_t max_d = neg_inf<acc_t>();  // max_j (t_j - s_j) / T: decides whether the KL refinement is safe
 
   // Moves the running sums onto new maxima (raw units) before a chunk relative to them is added.
   FASTKD_HD void rebase(acc_t new_max_t, acc_t new_max_s, acc_t inv_t) {
@@ -99,6 +100,7 @@ struct RowStats {
     sum_b += other.sum_b;
     sum_1 += other.sum_1;
     sum_s += other.sum_s;
+    max_d = nan_max(max_d, other.max_d);
   }
 
   // Adds one element (scalar online update; the vector paths add whole chunks instead).
@@ -109,6 +111,7 @@ struct RowStats {
       const acc_t et = std::exp((t - max_t) * inv_t);
       sum_t += et;
       if (et > acc_t(0)) w += et * ((t - s) * inv_t);
+      max_d = nan_max(max_d, (t - s) * inv_t);
     }
     if (max_s != neg_inf<acc_t>()) {
       const acc_t eb = std::exp((s - max_s) * inv_t);
@@ -129,7 +132,8 @@ struct RowCoeffs {
   acc_t hard_coef;       // (1 - alpha) * scale: multiplies r
   acc_t uniform;         // hard_coef * eps / V: the label-smoothing share of every class
   acc_t target_coef;     // hard_coef * (1 - eps): subtracted at the target class
-  acc_t teacher_shift;   // (max_t - max_s) / T + log sum_t - log sum_b + soft: log p - log q - soft
+  acc_t teacher_shift;   // E_p[(t - s) / T] = log p - log q - soft, exactly (see finalize)
+  bool refine;           // the KL refinement pass is safe (no overflow) for this row
 };
 
 template <class acc_t>
@@ -149,9 +153,12 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
   const acc_t log_sum_b = std::log(st.sum_b);
   const acc_t log_sum_1 = std::log(st.sum_1);
   RowLoss<acc_t> out{acc_t(0), acc_t(0), acc_t(0)};
+  // mu = E_p[d], d = a - b = (t - s) / T. KL = mu - (lse_a - lse_b), the maxima split out of both
+  // lse. This difference of logs loses ~1e-7 * |lse| absolutely, which T^2 magnifies at large T;
+  // refine_soft() recovers it from the second pass.
+  const acc_t mu = st.w / st.sum_t;
   if (p.has_soft) {
-    // KL = E_p[a - b] - lse_a + lse_b, with the maxima split out of both lse.
-    out.soft = st.w / st.sum_t - (st.max_t - st.max_s) * inv_t - log_sum_t + log_sum_b;
+    out.soft = mu - (st.max_t - st.max_s) * inv_t - log_sum_t + log_sum_b;
   }
   if (p.has_hard) {
     const acc_t eps = acc_t(p.label_smoothing);
@@ -174,7 +181,11 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
     c.hard_coef = p.has_hard ? acc_t(1.0 - p.alpha) * grad_scale : acc_t(0);
     c.uniform = c.hard_coef * acc_t(p.label_smoothing) / acc_t(p.vocab);
     c.target_coef = c.hard_coef * (acc_t(1) - acc_t(p.label_smoothing));
-    c.teacher_shift = (st.max_t - st.max_s) * inv_t + log_sum_t - log_sum_b + out.soft;
+    // log p_j - log q_j = d_j - (lse_a - lse_b) = d_j - mu + KL, so log p - log q - KL = d_j - mu.
+    c.teacher_shift = mu;
+    // q_j * exp(d_j - mu) = p_j * exp(-KL) <= 1, but computed as a product it needs exp(d_j - mu)
+    // finite and q_j not lost to underflow where it matters: d_j - mu <= 20 guarantees both.
+    c.refine = p.has_soft && (st.max_d - mu) <= acc_t(20);
   }
   return out;
 }
@@ -185,7 +196,7 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
 //   d/dt = soft_coef * p * (log p - log q - soft)
 // V is a scalar or a vector type; Math provides exp(V) and zero_where_zero(V p, V x) (x, or 0 where p == 0).
 template <class Math, bool kSoft, bool kHard, bool kUnitT, class V, class acc_t>
-FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out) {
+FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out, V* q_out = nullptr) {
   const V inv_t(c.inv_t);
   V q(acc_t(0));
   if constexpr (kSoft || kUnitT) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
@@ -194,6 +205,7 @@ FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out) 
     const V p = Math::exp((t - V(c.max_t)) * inv_t) * V(c.inv_sum_t);
     g = V(c.soft_coef) * (q - p);
     if (p_out != nullptr) *p_out = p;
+    if (q_out != nullptr) *q_out = q;
   }
   if constexpr (kHard) {
     const V r = (kUnitT) ? q : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
@@ -208,6 +220,26 @@ template <class Math, class V, class acc_t>
 FASTKD_HD V element_teacher_grad(V s, V t, V p, const RowCoeffs<acc_t>& c) {
   const V log_ratio_minus_soft = (t - s) * V(c.inv_t) - V(c.teacher_shift);
   return Math::zero_where_zero(p, V(c.soft_coef) * p * log_ratio_minus_soft);
+}
+
+// The KL refinement: KL = mu - (lse_a - lse_b) and lse_a - lse_b = mu + log E_q[exp(d - mu)], so
+//   KL = -log1p(R),  R = sum_j q_j * expm1(d_j - mu).
+// Every term is computed from the difference d_j - mu directly, with no cancellation between large
+// logs: exact to fp32 rounding even at T = 100 or when teacher and student nearly agree.
+// Math provides expm1(V). Summed by the kernel over the row, then refine_soft().
+template <class Math, class V, class acc_t>
+FASTKD_HD V element_kl_refinement(V s, V t, V q, const RowCoeffs<acc_t>& c) {
+  return q * Math::expm1((t - s) * V(c.inv_t) - V(c.teacher_shift));
+}
+
+// The refined KL replaces the single-pass one where the latter's cancellation matters, KL < ln 2
+// (1 + R > 1/2); above that the single-pass form is already accurate and R, a sum that nearly
+// cancels to -1, is the weaker one.
+template <class acc_t>
+FASTKD_HD void refine_soft(RowLoss<acc_t>& loss, acc_t refinement_sum, const LossParams& p) {
+  if (!(refinement_sum > acc_t(-0.5))) return;
+  loss.soft = -std::log1p(refinement_sum);
+  loss.loss = acc_t(p.soft_weight) * loss.soft + acc_t(1.0 - p.alpha) * loss.hard;
 }
 
 // Scale of the reduction applied to every row's gradient (and to the summed loss).
