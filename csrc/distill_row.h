@@ -39,8 +39,8 @@ struct LossParams {
   double soft_weight = 0.5;    // alpha * (T^2 if scale_by_temperature_squared else 1)
   double label_smoothing = 0.0;
   int64_t vocab = 0;
-  bool has_soft = true;        // alpha > 0: the teacher is read at all
-  bool has_hard = true;        // alpha < 1: the cross-entropy term exists
+  bool has_soft = true;        // the KL term is computed (the teacher is read)
+  bool has_hard = true;        // the cross-entropy term is computed (a target is given)
   bool unit_temperature = false;  // T == 1: softmax(s / T) is softmax(s), one exp stream less
 };
 

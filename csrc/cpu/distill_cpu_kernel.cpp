@@ -382,14 +382,12 @@ void run_rows(const RowsArgs& a) {
 
 template <class acc_t>
 void run_rows_for_flags(const RowsArgs& a) {
+  // The KL term is always computed (LossParams::has_soft); the hard term when there is a target.
   const LossParams& p = a.params;
-  if (p.has_soft && p.has_hard) {
+  if (p.has_hard) {
     p.unit_temperature ? run_rows<acc_t, true, true, true>(a) : run_rows<acc_t, true, true, false>(a);
-  } else if (p.has_soft) {
-    p.unit_temperature ? run_rows<acc_t, true, false, true>(a) : run_rows<acc_t, true, false, false>(a);
   } else {
-    // Hard term only: the b-stream is not needed, so kUnitT is off.
-    run_rows<acc_t, false, true, false>(a);
+    p.unit_temperature ? run_rows<acc_t, true, false, true>(a) : run_rows<acc_t, true, false, false>(a);
   }
 }
 
