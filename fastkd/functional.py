@@ -14,9 +14,14 @@ _warned_devices: set[str] = set()
 
 def has_kernel(device: torch.device) -> bool:
     """Whether a fused fastkd kernel is registered for this device type."""
-    if device.type == "meta":
+    return _has_kernel_for(device.type)
+
+
+@torch.compiler.assume_constant_result  # a fact of the build: torch.compile need not trace it
+def _has_kernel_for(device_type: str) -> bool:
+    if device_type == "meta":
         return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_forward", key)
 
 

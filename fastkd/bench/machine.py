@@ -51,7 +51,8 @@ def machine_name(device: str) -> str:
 def _git_commit() -> str | None:
     root = Path(fastkd.__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        # "-dirty" when tracked files differ from the commit (the kernel measured may be uncommitted).
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=7"],
                              capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
