@@ -42,6 +42,12 @@ struct LossParams {
   bool has_soft = true;        // the KL term is computed (the teacher is read)
   bool has_hard = true;        // the cross-entropy term is computed (a target is given)
   bool unit_temperature = false;  // T == 1: softmax(s / T) is softmax(s), one exp stream less
+  // T when it is 1, 2 or 4, else 0: exp(s - max) = exp((s - max) / T)^T, a multiply or two instead
+  // of a second exp stream.
+  int integer_temperature = 0;
+  // Relative rounding of one element's arithmetic (fp32 unless the inputs are float64): decides
+  // whether the single-pass KL is accurate enough or the refinement is needed.
+  double element_epsilon = 6e-8;
 };
 
 inline namespace FASTKD_ISA {
@@ -128,6 +134,7 @@ template <class acc_t>
 struct RowCoeffs {
   acc_t max_t, max_s, inv_t;
   acc_t inv_sum_t, inv_sum_b, inv_sum_1;
+  acc_t sum_b;           // undoes q's normalisation for integer_power()
   acc_t soft_coef;       // alpha * c / T * scale: multiplies (q - p) and the teacher gradient
   acc_t hard_coef;       // (1 - alpha) * scale: multiplies r
   acc_t uniform;         // hard_coef * eps / V: the label-smoothing share of every class
@@ -177,17 +184,34 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
     c.inv_sum_t = acc_t(1) / st.sum_t;
     c.inv_sum_b = acc_t(1) / st.sum_b;
     c.inv_sum_1 = acc_t(1) / st.sum_1;
+    c.sum_b = st.sum_b;
     c.soft_coef = p.has_soft ? acc_t(p.soft_weight) * inv_t * grad_scale : acc_t(0);
     c.hard_coef = p.has_hard ? acc_t(1.0 - p.alpha) * grad_scale : acc_t(0);
     c.uniform = c.hard_coef * acc_t(p.label_smoothing) / acc_t(p.vocab);
     c.target_coef = c.hard_coef * (acc_t(1) - acc_t(p.label_smoothing));
     // log p_j - log q_j = d_j - (lse_a - lse_b) = d_j - mu + KL, so log p - log q - KL = d_j - mu.
     c.teacher_shift = mu;
-    // q_j * exp(d_j - mu) = p_j * exp(-KL) <= 1, but computed as a product it needs exp(d_j - mu)
-    // finite and q_j not lost to underflow where it matters: d_j - mu <= 20 guarantees both.
-    c.refine = p.has_soft && (st.max_d - mu) <= acc_t(20);
+    // The single-pass KL is off by ~eps * (2 + |mu|) (the logs of the sums are good to eps). When
+    // the soft weight (T^2) magnifies that past 1e-6 of the row's loss, refine. The refinement's
+    // products q_j * exp(d_j - mu) = p_j * exp(-KL) <= 1 need exp(d_j - mu) finite and q_j not lost
+    // to underflow where it matters: d_j - mu <= 20 guarantees both.
+    const acc_t single_pass_error = acc_t(2 * p.element_epsilon) * (acc_t(2) + std::fabs(mu)) *
+                                    acc_t(p.soft_weight > 1.0 ? p.soft_weight : 1.0);
+    c.refine = p.has_soft && (st.max_d - mu) <= acc_t(20) &&
+               single_pass_error > acc_t(1e-6) * std::fabs(out.loss);
   }
   return out;
+}
+
+// exp(x)^k for the integer temperatures k = 1, 2, 4 (kPowT); kPowT == 0 means "not integer".
+template <int kPowT, class V>
+FASTKD_HD V integer_power(V x) {
+  if constexpr (kPowT == 2) return x * x;
+  if constexpr (kPowT == 4) {
+    const V x2 = x * x;
+    return x2 * x2;
+  }
+  return x;
 }
 
 // Gradients of one element (or one vector of elements) of a finished row, before the target
@@ -195,11 +219,12 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
 //   d/ds = soft_coef * (q - p) + hard_coef * r - uniform
 //   d/dt = soft_coef * p * (log p - log q - soft)
 // V is a scalar or a vector type; Math provides exp(V) and zero_where_zero(V p, V x) (x, or 0 where p == 0).
-template <class Math, bool kSoft, bool kHard, bool kUnitT, class V, class acc_t>
+// kPowT: the integer temperature (1, 2, 4) or 0 (true / false read as 1 / 0).
+template <class Math, bool kSoft, bool kHard, int kPowT, class V, class acc_t>
 FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out, V* q_out = nullptr) {
   const V inv_t(c.inv_t);
   V q(acc_t(0));
-  if constexpr (kSoft || kUnitT) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
+  if constexpr (kSoft || kPowT != 0) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
   V g(acc_t(0));
   if constexpr (kSoft) {
     const V p = Math::exp((t - V(c.max_t)) * inv_t) * V(c.inv_sum_t);
@@ -208,7 +233,10 @@ FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out, 
     if (q_out != nullptr) *q_out = q;
   }
   if constexpr (kHard) {
-    const V r = (kUnitT) ? q : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
+    // exp(s - max) / sum_1, from q's exponential when T is an integer.
+    const V r = (kPowT == 1)   ? q
+                : (kPowT != 0) ? integer_power<kPowT>(q * V(c.sum_b)) * V(c.inv_sum_1)
+                               : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
     g = g + V(c.hard_coef) * r - V(c.uniform);
   }
   return g;

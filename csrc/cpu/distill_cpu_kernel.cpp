@@ -125,7 +125,7 @@ void zero_row(void* base, c10::ScalarType dtype, int64_t row, int64_t vocab) {
 }
 
 // Sums of one stretch of a block relative to fixed maxima; V is Vectorized<acc_t> or acc_t (tails).
-template <class Math, bool kSoft, bool kHard, bool kUnitT, class V>
+template <class Math, bool kSoft, bool kHard, int kPowT, class V>
 struct BlockSums {
   V sum_t, w, sum_b, sum_1, sum_s, max_d;
   BlockSums(V zero, V ninf) : sum_t(zero), w(zero), sum_b(zero), sum_1(zero), sum_s(zero), max_d(ninf) {}
@@ -139,12 +139,12 @@ struct BlockSums {
       max_d = Math::max(max_d, d);
     }
     V eb = V(0);
-    if constexpr (kSoft || kUnitT) {
+    if constexpr (kSoft || kPowT != 0) {
       eb = Math::exp((s - shift_s) * inv_t);
       sum_b = sum_b + eb;
     }
     if constexpr (kHard) {
-      sum_1 = sum_1 + (kUnitT ? eb : Math::exp(s - shift_s));
+      sum_1 = sum_1 + (kPowT != 0 ? integer_power<kPowT>(eb) : Math::exp(s - shift_s));
       sum_s = sum_s + s;
     }
   }
@@ -160,7 +160,7 @@ struct BlockSums {
 };
 
 // Pass 1 on one block: raise the running maxima to the block's, then add the block's sums.
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT>
+template <class acc_t, bool kSoft, bool kHard, int kPowT>
 void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int64_t n, double inv_t) {
   using V = Vectorized<acc_t>;
   constexpr int64_t kW = V::size();
@@ -191,14 +191,14 @@ void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int6
   V max_d(ninf);
   for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
     const int64_t stop = std::min(n_vec, start + kFlush * kW);
-    BlockSums<VecMath<acc_t>, kSoft, kHard, kUnitT, V> part{V(acc_t(0)), max_d};
+    BlockSums<VecMath<acc_t>, kSoft, kHard, kPowT, V> part{V(acc_t(0)), max_d};
     for (int64_t i = start; i < stop; i += kW) {
       part.add(V::loadu(s + i), kSoft ? V::loadu(t + i) : V(acc_t(0)), vshift_t, vshift_s, vinv_t);
     }
     part.add_into(st, &horizontal_sum<acc_t>);
     max_d = part.max_d;
   }
-  BlockSums<ScalarMath<acc_t>, kSoft, kHard, kUnitT, acc_t> tail{acc_t(0), horizontal_max(max_d)};
+  BlockSums<ScalarMath<acc_t>, kSoft, kHard, kPowT, acc_t> tail{acc_t(0), horizontal_max(max_d)};
   for (int64_t i = n_vec; i < n; ++i) {
     tail.add(s[i], kSoft ? t[i] : acc_t(0), shift_t, shift_s, inv_t_acc);
   }
@@ -208,7 +208,7 @@ void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int6
 
 // Pass 2 on one block: the gradients (before the target-class correction) and, when kRefine, the
 // block's share of the KL refinement sum.
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT, bool kTeacher, bool kRefine>
+template <class acc_t, bool kSoft, bool kHard, int kPowT, bool kTeacher, bool kRefine>
 double gradient_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs<acc_t>& c, acc_t* gs,
                       acc_t* gt) {
   using V = Vectorized<acc_t>;
@@ -224,7 +224,7 @@ double gradient_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs
       const V sv = V::loadu(s + i);
       const V tv = kSoft ? V::loadu(t + i) : V(acc_t(0));
       V p(acc_t(0)), q(acc_t(0));
-      element_student_grad<VM, kSoft, kHard, kUnitT>(sv, tv, c, &p, &q).store(gs + i);
+      element_student_grad<VM, kSoft, kHard, kPowT>(sv, tv, c, &p, &q).store(gs + i);
       if constexpr (kTeacher) element_teacher_grad<VM>(sv, tv, p, c).store(gt + i);
       if constexpr (kRefine) part = part + element_kl_refinement<VM>(sv, tv, q, c);
     }
@@ -233,7 +233,7 @@ double gradient_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs
   for (int64_t i = n_vec; i < n; ++i) {
     const acc_t tv = kSoft ? t[i] : acc_t(0);
     acc_t p = 0, q = 0;
-    gs[i] = element_student_grad<SM, kSoft, kHard, kUnitT>(s[i], tv, c, &p, &q);
+    gs[i] = element_student_grad<SM, kSoft, kHard, kPowT>(s[i], tv, c, &p, &q);
     if constexpr (kTeacher) gt[i] = element_teacher_grad<SM>(s[i], tv, p, c);
     if constexpr (kRefine) refinement += element_kl_refinement<SM>(s[i], tv, q, c);
   }
@@ -268,7 +268,7 @@ double refinement_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoef
 template <class acc_t>
 RowCoeffs<acc_t> narrow(const RowCoeffs<double>& d) {
   return RowCoeffs<acc_t>{acc_t(d.max_t),       acc_t(d.max_s),     acc_t(d.inv_t),
-                          acc_t(d.inv_sum_t),   acc_t(d.inv_sum_b), acc_t(d.inv_sum_1),
+                          acc_t(d.inv_sum_t),   acc_t(d.inv_sum_b), acc_t(d.inv_sum_1), acc_t(d.sum_b),
                           acc_t(d.soft_coef),   acc_t(d.hard_coef), acc_t(d.uniform),
                           acc_t(d.target_coef), acc_t(d.teacher_shift), d.refine};
 }
@@ -283,7 +283,7 @@ struct Scratch {
 
 // One row: pass 1 (statistics), then pass 2 (gradients and KL refinement) over the row again,
 // which is still in L2.
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT>
+template <class acc_t, bool kSoft, bool kHard, int kPowT>
 class RowWorker {
  public:
   RowWorker(const RowsArgs& a, Scratch& scratch)
@@ -306,7 +306,7 @@ class RowWorker {
     RowStats<double> st;
     for (int64_t off = 0; off < vocab; off += kBlock) {
       const int64_t n = std::min(kBlock, vocab - off);
-      accumulate_block<acc_t, kSoft, kHard, kUnitT>(st, student(base + off, n), teacher(base + off, n), n,
+      accumulate_block<acc_t, kSoft, kHard, kPowT>(st, student(base + off, n), teacher(base + off, n), n,
                                                     a_.params.inv_temperature);
     }
     const double s_target = kHard ? load_one(a_.student, a_.student_dtype, base + y) : 0.0;
@@ -350,10 +350,10 @@ class RowWorker {
                                   : gsbuf_;
       if (kSoft && a_.grad_teacher != nullptr) {
         acc_t* gt = grad_target<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, gtbuf_);
-        refinement += gradient_block<acc_t, kSoft, kHard, kUnitT, kSoft, kRefine>(s, t, n, c, gs, gt);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, kSoft, kRefine>(s, t, n, c, gs, gt);
         store_block<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, n, gt);
       } else {
-        refinement += gradient_block<acc_t, kSoft, kHard, kUnitT, false, kRefine>(s, t, n, c, gs, nullptr);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, false, kRefine>(s, t, n, c, gs, nullptr);
       }
       if (a_.grad_student == nullptr) continue;
       if (kHard && y >= off && y < off + n) gs[y - off] -= c.target_coef;
@@ -369,25 +369,34 @@ class RowWorker {
   acc_t* gtbuf_;
 };
 
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT>
+template <class acc_t, bool kSoft, bool kHard, int kPowT>
 void run_rows(const RowsArgs& a) {
   // Enough rows per task that a task streams ~256K elements.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(a.vocab, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     auto scratch = std::make_unique<Scratch>();
-    RowWorker<acc_t, kSoft, kHard, kUnitT> worker(a, *scratch);
+    RowWorker<acc_t, kSoft, kHard, kPowT> worker(a, *scratch);
     for (int64_t row = begin; row < end; ++row) worker.run(row);
   });
+}
+
+template <class acc_t, bool kHard>
+void run_rows_for_temperature(const RowsArgs& a) {
+  switch (a.params.integer_temperature) {
+    case 1: return run_rows<acc_t, true, kHard, 1>(a);
+    case 2: return run_rows<acc_t, true, kHard, 2>(a);
+    case 4: return run_rows<acc_t, true, kHard, 4>(a);
+    default: return run_rows<acc_t, true, kHard, 0>(a);
+  }
 }
 
 template <class acc_t>
 void run_rows_for_flags(const RowsArgs& a) {
   // The KL term is always computed (LossParams::has_soft); the hard term when there is a target.
-  const LossParams& p = a.params;
-  if (p.has_hard) {
-    p.unit_temperature ? run_rows<acc_t, true, true, true>(a) : run_rows<acc_t, true, true, false>(a);
+  if (a.params.has_hard) {
+    run_rows_for_temperature<acc_t, true>(a);
   } else {
-    p.unit_temperature ? run_rows<acc_t, true, false, true>(a) : run_rows<acc_t, true, false, false>(a);
+    run_rows_for_temperature<acc_t, false>(a);
   }
 }
 
