@@ -307,3 +307,32 @@ def test_log_dir_gets_csv_and_curves_and_progress_bars_run(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     err = capsys.readouterr().err
     assert "epochs" in err and "loss=" in err and "acc=" in err  # tqdm bars with loss / accuracy postfix
+
+
+def test_tensorboard_is_used_when_importable(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    d = Distiller(make_teacher(), make_student(), device="cpu")
+    d.fit(DataLoader(make_data(32), batch_size=16), 2, log_dir=tmp_path, progress=False)
+    tags = {tag for tag, _, _ in scalars}
+    assert {"train/loss", "train/accuracy", "lr"} <= tags
+    assert sorted({step for _, _, step in scalars}) == [1, 2]

@@ -140,13 +140,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## How this was measured",
         "",
-        f"- {report['total_s']:.1f} s in all ({len(report['runs'])} trained models), "
-        f"{report['world_size']} process(es), {report['threads']} torch thread(s) each, on {report['device']}.",
+        f"- {report['total_s']:.1f} s in all ({len(report['runs'])} trained models); processes: "
+        f"{report['world_size']}, torch threads per process: {report['threads']}; {report['device']}.",
         f"- Every model is trained by `fastkd.Distiller` with Adam (lr {cfg['lr']:g}), students for "
         f"{cfg['student_epochs']} epochs of the {report['n_train']}-image training split (the labelled subset is "
         f"repeated to that length), so scratch and distilled students take the same number of steps.",
-        "- Latency: median of 200 forward passes in inference mode after a warm-up, on one example and on the "
-        "whole test set.",
+        "- Latency: median wall time of a forward pass in inference mode after a warm-up (500 passes on one "
+        "example, 100 on the whole test set), measured once per architecture.",
         "- Size: bytes of the saved float32 state_dict.",
         f"- Versions: torch {report['torch']}, fastkd {report['fastkd']}.",
         "",
