@@ -192,6 +192,12 @@ def test_bad_models_and_fit_arguments():
         d.fit(DataLoader(TensorDataset(torch.zeros(0, IN), torch.zeros(0, dtype=torch.long))), 1, progress=False)
 
 
+def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
+    d = Distiller(make_teacher(), make_student(), fastkd.DistillLoss(reduction="none"), device="cpu")
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        d.fit(DataLoader(make_data(16), batch_size=8), 1, progress=False)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     ds = make_data(64)
     teacher = make_teacher()

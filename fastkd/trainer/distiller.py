@@ -217,6 +217,11 @@ class Distiller:
             loss, soft, hard = out.loss, out.soft, out.hard
         else:
             loss, soft, hard = out, None, None
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar loss, got {shape}; use reduction='mean', 'sum' or 'batchmean'"
+            )
         feat = None
         if self.feature_pairs:
             if training:
