@@ -6,8 +6,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -21,13 +22,26 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically: write a temporary file in the same directory, fsync it,
     then ``os.replace`` it over ``path``. Readers see the old file or the new one, never a torn one; if
     anything fails (a full disk, a crash, an exception from ``torch.save``) the old file is untouched."""
-    path = Path(path)
+    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` with the same all-or-nothing guarantee as :func:`atomic_save`."""
+
+    def copy(f) -> None:
+        with open(src, "rb") as g:
+            shutil.copyfileobj(g, f)
+
+    return _atomic_write(Path(dst), copy)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory: os.replace is only atomic within one filesystem.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -36,23 +50,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy ``src`` to ``dst`` with the same all-or-nothing guarantee as :func:`atomic_save`."""
-    src, dst = Path(src), Path(dst)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as g:
-            shutil.copyfileobj(g, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, dst)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
 
 
 def _fsync_dir(directory: Path) -> None:
