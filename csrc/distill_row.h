@@ -210,6 +210,178 @@ FASTKD_HD V element_teacher_grad(V s, V t, V p, const RowCoeffs<acc_t>& c) {
   return Math::zero_where_zero(p, V(c.soft_coef) * p * log_ratio_minus_soft);
 }
 
+// ---------------------------------------------------------------- exp2 form
+// For backends with a fast 2^x (CUDA's ex2): each exponent is one multiply-add, 2^(x * k + c) with
+// k = log2(e) / T and c = -round(max * k). Rounding max * k moves every exponent of a stream by the
+// same r = max * k + c (|r| <= half an ulp of max * k), so sums gathered this way are 2^r times the
+// true ones: normalized values (p, q, r, W / S) are unaffected, and exp2_row_stats() removes 2^r
+// before finalize(), so the loss stays exact at |logits| ~ 1e4 where r is no longer negligible.
+template <class acc_t>
+struct Exp2Shift {
+  acc_t k = 0;  // log2(e) / T, or log2(e) for the T = 1 stream
+  acc_t c = 0;  // -round(max * k); 0 while max is -inf (every term is then 2^-inf = 0)
+  acc_t r = 0;  // the computed sums are 2^r times the true ones
+};
+
+template <class acc_t>
+FASTKD_HD Exp2Shift<acc_t> exp2_shift(acc_t max, acc_t k) {
+  Exp2Shift<acc_t> sh;
+  sh.k = k;
+  if (max == neg_inf<acc_t>()) return sh;
+  const acc_t mk = max * k;
+  sh.c = -mk;
+  sh.r = std::fma(max, k, -mk);  // exact rounding error of max * k
+  return sh;
+}
+
+// The shift of the square of a stream: 2^(2 (x k + c)) (T == 2: e^(s - max) is e^((s - max) / 2) squared).
+template <class acc_t>
+FASTKD_HD Exp2Shift<acc_t> exp2_shift_squared(const Exp2Shift<acc_t>& sh) {
+  Exp2Shift<acc_t> sq;
+  sq.k = sh.k + sh.k;
+  sq.c = sh.c + sh.c;
+  sq.r = sh.r + sh.r;
+  return sq;
+}
+
+// Sums of a row in the exp2 form, all relative to the same shifts (t: teacher at T, b: student at T,
+// one: student at T = 1). `w` is in raw logit units: sum 2^(t k + c_t) (t - s), without the 1 / T.
+template <class acc_t>
+struct Exp2Sums {
+  acc_t sum_t = 0, w = 0, sum_b = 0, sum_1 = 0, sum_s = 0;
+
+  FASTKD_HD void add(const Exp2Sums& o) {
+    sum_t += o.sum_t;
+    w += o.w;
+    sum_b += o.sum_b;
+    sum_1 += o.sum_1;
+    sum_s += o.sum_s;
+  }
+};
+
+// The shifts of a row with maxima max_t, max_s; kTMode 1 (T == 1) and 2 (T == 2) derive the T = 1
+// stream from the b-stream instead of a third exponential.
+template <class acc_t>
+struct Exp2Shifts {
+  Exp2Shift<acc_t> t, b, one;
+};
+
+template <int kTMode, class acc_t>
+FASTKD_HD Exp2Shifts<acc_t> exp2_shifts(acc_t max_t, acc_t max_s, const LossParams& p) {
+  const acc_t log2e = acc_t(1.4426950408889634);
+  const acc_t k = acc_t(p.inv_temperature * 1.4426950408889634);
+  Exp2Shifts<acc_t> sh;
+  sh.t = exp2_shift(max_t, k);
+  sh.b = exp2_shift(max_s, k);
+  if constexpr (kTMode == 1) {
+    sh.one = sh.b;
+  } else if constexpr (kTMode == 2) {
+    sh.one = exp2_shift_squared(sh.b);
+  } else {
+    sh.one = exp2_shift(max_s, log2e);
+  }
+  return sh;
+}
+
+// One element's contribution to the sums. Math provides exp2 and zero_where_zero as above.
+template <class Math, bool kSoft, bool kHard, int kTMode, class acc_t>
+FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2Shifts<acc_t>& sh) {
+  acc_t eb = 0;
+  if constexpr (kSoft || (kHard && kTMode != 0)) eb = Math::exp2(std::fma(s, sh.b.k, sh.b.c));
+  if constexpr (kSoft) {
+    const acc_t et = Math::exp2(std::fma(t, sh.t.k, sh.t.c));
+    x.sum_t += et;
+    x.w += Math::zero_where_zero(et, et * (t - s));  // a -inf teacher logit adds 0, not 0 * inf
+    x.sum_b += eb;
+  }
+  if constexpr (kHard) {
+    acc_t e1;
+    if constexpr (kTMode == 1) {
+      e1 = eb;
+    } else if constexpr (kTMode == 2) {
+      e1 = eb * eb;
+    } else {
+      e1 = Math::exp2(std::fma(s, sh.one.k, sh.one.c));
+    }
+    x.sum_1 += e1;
+    x.sum_s += s;
+  }
+}
+
+// The RowStats (true sums) of a whole row gathered in the exp2 form, ready for finalize().
+template <class acc_t>
+FASTKD_HD RowStats<acc_t> exp2_row_stats(const Exp2Sums<acc_t>& x, acc_t max_t, acc_t max_s,
+                                         const Exp2Shifts<acc_t>& sh, const LossParams& p) {
+  RowStats<acc_t> st;
+  st.max_t = max_t;
+  st.max_s = max_s;
+  const acc_t ft = std::exp2(-sh.t.r);
+  st.sum_t = x.sum_t * ft;
+  st.w = x.w * acc_t(p.inv_temperature) * ft;
+  st.sum_b = x.sum_b * std::exp2(-sh.b.r);
+  st.sum_1 = x.sum_1 * std::exp2(-sh.one.r);
+  st.sum_s = x.sum_s;
+  return st;
+}
+
+// Gradient coefficients in the exp2 form: p_scale, q_scale and r_scale turn the computed 2^(...)
+// straight into soft_coef * p, soft_coef * q and hard_coef * r.
+template <class acc_t>
+struct Exp2Coeffs {
+  Exp2Shifts<acc_t> sh;
+  acc_t p_scale = 0, q_scale = 0, r_scale = 0;
+  acc_t uniform = 0, target_coef = 0, inv_t = 0, teacher_shift = 0;
+};
+
+template <class acc_t>
+FASTKD_HD Exp2Coeffs<acc_t> exp2_coeffs(const Exp2Sums<acc_t>& x, const Exp2Shifts<acc_t>& sh,
+                                        const RowCoeffs<acc_t>& c, const LossParams& p) {
+  Exp2Coeffs<acc_t> e;
+  e.sh = sh;
+  if (p.has_soft) {
+    e.p_scale = c.soft_coef / x.sum_t;
+    e.q_scale = c.soft_coef / x.sum_b;
+  }
+  if (p.has_hard) e.r_scale = c.hard_coef / x.sum_1;
+  e.uniform = c.uniform;
+  e.target_coef = c.target_coef;
+  e.inv_t = c.inv_t;
+  e.teacher_shift = c.teacher_shift;
+  return e;
+}
+
+// d/ds of one element in the exp2 form (before the target correction), as element_student_grad.
+// *soft_p receives soft_coef * p for exp2_teacher_grad.
+template <class Math, bool kSoft, bool kHard, int kTMode, class acc_t>
+FASTKD_HD acc_t exp2_student_grad(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, acc_t* soft_p) {
+  acc_t g = 0;
+  acc_t eb = 0;
+  if constexpr (kSoft || (kHard && kTMode != 0)) eb = Math::exp2(std::fma(s, c.sh.b.k, c.sh.b.c));
+  if constexpr (kSoft) {
+    const acc_t pw = Math::exp2(std::fma(t, c.sh.t.k, c.sh.t.c)) * c.p_scale;
+    g = std::fma(eb, c.q_scale, -pw);
+    *soft_p = pw;
+  }
+  if constexpr (kHard) {
+    acc_t e1;
+    if constexpr (kTMode == 1) {
+      e1 = eb;
+    } else if constexpr (kTMode == 2) {
+      e1 = eb * eb;
+    } else {
+      e1 = Math::exp2(std::fma(s, c.sh.one.k, c.sh.one.c));
+    }
+    g = std::fma(e1, c.r_scale, g) - c.uniform;
+  }
+  return g;
+}
+
+// d/dt of one element from soft_p = soft_coef * p, as element_teacher_grad.
+template <class Math, class acc_t>
+FASTKD_HD acc_t exp2_teacher_grad(acc_t s, acc_t t, acc_t soft_p, const Exp2Coeffs<acc_t>& c) {
+  return Math::zero_where_zero(soft_p, soft_p * std::fma(t - s, c.inv_t, -c.teacher_shift));
+}
+
 // Scale of the reduction applied to every row's gradient (and to the summed loss).
 FASTKD_HD double reduction_scale(Reduction r, int64_t unmasked_rows, int64_t batch_size) {
   switch (r) {
