@@ -211,16 +211,19 @@ FASTKD_HD V element_teacher_grad(V s, V t, V p, const RowCoeffs<acc_t>& c) {
 }
 
 // ---------------------------------------------------------------- exp2 form
-// For backends with a fast 2^x (CUDA's ex2): each exponent is one multiply-add, 2^(x * k + c) with
-// k = log2(e) / T and c = -round(max * k). Rounding max * k moves every exponent of a stream by the
-// same r = max * k + c (|r| <= half an ulp of max * k), so sums gathered this way are 2^r times the
-// true ones: normalized values (p, q, r, W / S) are unaffected, and exp2_row_stats() removes 2^r
-// before finalize(), so the loss stays exact at |logits| ~ 1e4 where r is no longer negligible.
+// For backends with a fast 2^x (CUDA's ex2). Every exponent is one multiply-add in a per-row frame:
+// u = t k + c_t, v = s k + c_b, with k = log2(e) / T and c = -round(max k), so 2^u is
+// e^((t - max_t) / T) times 2^r_t, the same factor for the whole stream (r = max k + c, the
+// rounding error of max k, tiny but not negligible at |logits| ~ 1e4). Normalized values (p, q,
+// r) do not see r, and neither does KL written in the frame:
+//     KL = ln2 * sum 2^u (u - v) / sum 2^u - ln sum 2^u + ln sum 2^v
+// which also keeps (t - s) / T and (max_t - max_s) / T, each large at large logits, from cancelling
+// against each other in fp32. Only the cross-entropy needs a true sum (lse(s) = max_s + ln S_1).
 template <class acc_t>
 struct Exp2Shift {
   acc_t k = 0;  // log2(e) / T, or log2(e) for the T = 1 stream
   acc_t c = 0;  // -round(max * k); 0 while max is -inf (every term is then 2^-inf = 0)
-  acc_t r = 0;  // the computed sums are 2^r times the true ones
+  acc_t r = 0;  // the frame's sums are 2^r times the true ones
 };
 
 template <class acc_t>
@@ -230,11 +233,11 @@ FASTKD_HD Exp2Shift<acc_t> exp2_shift(acc_t max, acc_t k) {
   if (max == neg_inf<acc_t>()) return sh;
   const acc_t mk = max * k;
   sh.c = -mk;
-  sh.r = std::fma(max, k, -mk);  // exact rounding error of max * k
+  sh.r = std::fma(max, k, -mk);  // the exact rounding error of max * k
   return sh;
 }
 
-// The shift of the square of a stream: 2^(2 (x k + c)) (T == 2: e^(s - max) is e^((s - max) / 2) squared).
+// The frame of a stream's square (T == 2: e^(s - max) is e^((s - max) / 2) squared).
 template <class acc_t>
 FASTKD_HD Exp2Shift<acc_t> exp2_shift_squared(const Exp2Shift<acc_t>& sh) {
   Exp2Shift<acc_t> sq;
@@ -244,23 +247,8 @@ FASTKD_HD Exp2Shift<acc_t> exp2_shift_squared(const Exp2Shift<acc_t>& sh) {
   return sq;
 }
 
-// Sums of a row in the exp2 form, all relative to the same shifts (t: teacher at T, b: student at T,
-// one: student at T = 1). `w` is in raw logit units: sum 2^(t k + c_t) (t - s), without the 1 / T.
-template <class acc_t>
-struct Exp2Sums {
-  acc_t sum_t = 0, w = 0, sum_b = 0, sum_1 = 0, sum_s = 0;
-
-  FASTKD_HD void add(const Exp2Sums& o) {
-    sum_t += o.sum_t;
-    w += o.w;
-    sum_b += o.sum_b;
-    sum_1 += o.sum_1;
-    sum_s += o.sum_s;
-  }
-};
-
-// The shifts of a row with maxima max_t, max_s; kTMode 1 (T == 1) and 2 (T == 2) derive the T = 1
-// stream from the b-stream instead of a third exponential.
+// A row's frames: t (teacher at T), b (student at T), one (student at T = 1). kTMode 1 (T == 1) and
+// 2 (T == 2) derive the T = 1 stream from the b-stream instead of a third exponential.
 template <class acc_t>
 struct Exp2Shifts {
   Exp2Shift<acc_t> t, b, one;
@@ -283,15 +271,43 @@ FASTKD_HD Exp2Shifts<acc_t> exp2_shifts(acc_t max_t, acc_t max_s, const LossPara
   return sh;
 }
 
-// One element's contribution to the sums. Math provides exp2 and zero_where_zero as above.
+// Sums of a row in its frames: sum_t = sum 2^u, w = sum 2^u (u - v), sum_b = sum 2^v,
+// sum_1 = sum 2^(s k_1 + c_1), sum_s = sum s (raw).
+template <class acc_t>
+struct Exp2Sums {
+  acc_t sum_t = 0, w = 0, sum_b = 0, sum_1 = 0, sum_s = 0;
+
+  FASTKD_HD void add(const Exp2Sums& o) {
+    sum_t += o.sum_t;
+    w += o.w;
+    sum_b += o.sum_b;
+    sum_1 += o.sum_1;
+    sum_s += o.sum_s;
+  }
+};
+
+// u - v for the w sum and the teacher gradient, with -inf - x and NaN (both logits -inf) raised to
+// the lowest finite value: a -inf teacher logit (2^u = 0) then adds exactly 0 where 0 * inf would be
+// NaN, while a -inf student logit under p > 0 still gives +inf. A NaN logit still gives NaN, through
+// 2^u or the sums.
+template <class acc_t>
+FASTKD_HD acc_t exp2_frame_diff(acc_t u, acc_t v) {
+  return std::fmax(u - v, -std::numeric_limits<acc_t>::max());
+}
+
+// One element's contribution. Math provides exp2.
 template <class Math, bool kSoft, bool kHard, int kTMode, class acc_t>
 FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2Shifts<acc_t>& sh) {
-  acc_t eb = 0;
-  if constexpr (kSoft || (kHard && kTMode != 0)) eb = Math::exp2(std::fma(s, sh.b.k, sh.b.c));
+  acc_t v = 0, eb = 0;
+  if constexpr (kSoft || (kHard && kTMode != 0)) {
+    v = std::fma(s, sh.b.k, sh.b.c);
+    eb = Math::exp2(v);
+  }
   if constexpr (kSoft) {
-    const acc_t et = Math::exp2(std::fma(t, sh.t.k, sh.t.c));
+    const acc_t u = std::fma(t, sh.t.k, sh.t.c);
+    const acc_t et = Math::exp2(u);
     x.sum_t += et;
-    x.w += Math::zero_where_zero(et, et * (t - s));  // a -inf teacher logit adds 0, not 0 * inf
+    x.w = std::fma(et, exp2_frame_diff(u, v), x.w);
     x.sum_b += eb;
   }
   if constexpr (kHard) {
@@ -308,59 +324,89 @@ FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2S
   }
 }
 
-// The RowStats (true sums) of a whole row gathered in the exp2 form, ready for finalize().
-template <class acc_t>
-FASTKD_HD RowStats<acc_t> exp2_row_stats(const Exp2Sums<acc_t>& x, acc_t max_t, acc_t max_s,
-                                         const Exp2Shifts<acc_t>& sh, const LossParams& p) {
-  RowStats<acc_t> st;
-  st.max_t = max_t;
-  st.max_s = max_s;
-  const acc_t ft = std::exp2(-sh.t.r);
-  st.sum_t = x.sum_t * ft;
-  st.w = x.w * acc_t(p.inv_temperature) * ft;
-  st.sum_b = x.sum_b * std::exp2(-sh.b.r);
-  st.sum_1 = x.sum_1 * std::exp2(-sh.one.r);
-  st.sum_s = x.sum_s;
+// Moves sums from frames `from` (of maxima from_t, from_s) to frames `to` (online gathering, and
+// merging partial rows gathered in different frames). A stream still empty (maximum -inf) has sums
+// 0 and stays 0.
+template <class Math, class acc_t>
+FASTKD_HD void exp2_move(Exp2Sums<acc_t>& x, acc_t from_t, acc_t from_s, const Exp2Shifts<acc_t>& from,
+                         const Exp2Shifts<acc_t>& to) {
+  const acc_t ninf = neg_inf<acc_t>();
+  const acc_t dt = to.t.c - from.t.c, db = to.b.c - from.b.c;
+  if (from_t == ninf) {
+    x.sum_t = x.w = acc_t(0);
+  } else if (dt != acc_t(0) || db != acc_t(0)) {
+    const acc_t ft = dt == acc_t(0) ? acc_t(1) : Math::exp2(dt);
+    x.w = ft * (x.w + x.sum_t * (dt - db));  // each u - v grows by dt - db
+    x.sum_t *= ft;
+  }
+  if (from_s == ninf) {
+    x.sum_b = x.sum_1 = acc_t(0);
+  } else {
+    if (db != acc_t(0)) x.sum_b *= Math::exp2(db);
+    const acc_t d1 = to.one.c - from.one.c;
+    if (d1 != acc_t(0)) x.sum_1 *= Math::exp2(d1);
+  }
+}
+
+// RowStats for finalize() from a row's frame sums (any accumulation type in, wide_t out: the CUDA
+// kernels finalize fp32 sums in fp64, as the CPU kernel does). Both maxima are set to max_s, so
+// finalize's (max_t - max_s) / T is 0 and its soft term is the frame form of KL above; sum_1 alone
+// is brought back to its true value for lse(s).
+template <class wide_t, class acc_t>
+FASTKD_HD RowStats<wide_t> exp2_row_stats(const Exp2Sums<acc_t>& x, acc_t max_s, const Exp2Shifts<acc_t>& sh) {
+  RowStats<wide_t> st;
+  st.max_t = wide_t(max_s);
+  st.max_s = wide_t(max_s);
+  st.sum_t = wide_t(x.sum_t);
+  st.w = wide_t(x.w) * wide_t(0.6931471805599453);  // ln 2: frame units to natural ones
+  st.sum_b = wide_t(x.sum_b);
+  st.sum_1 = wide_t(x.sum_1) * std::exp2(-wide_t(sh.one.r));
+  st.sum_s = wide_t(x.sum_s);
   return st;
 }
 
-// Gradient coefficients in the exp2 form: p_scale, q_scale and r_scale turn the computed 2^(...)
+// Gradient coefficients in the frame: p_scale, q_scale and r_scale turn 2^u, 2^v and 2^(s k_1 + c_1)
 // straight into soft_coef * p, soft_coef * q and hard_coef * r.
 template <class acc_t>
 struct Exp2Coeffs {
   Exp2Shifts<acc_t> sh;
   acc_t p_scale = 0, q_scale = 0, r_scale = 0;
-  acc_t uniform = 0, target_coef = 0, inv_t = 0, teacher_shift = 0;
+  acc_t uniform = 0, target_coef = 0;
+  acc_t teacher_shift = 0;  // ln sum 2^u - ln sum 2^v + soft: log p - log q - soft = (u - v) ln 2 - this
 };
 
-template <class acc_t>
+// From the frame sums and finalize()'s coefficients of exp2_row_stats()'s RowStats.
+template <class acc_t, class wide_t>
 FASTKD_HD Exp2Coeffs<acc_t> exp2_coeffs(const Exp2Sums<acc_t>& x, const Exp2Shifts<acc_t>& sh,
-                                        const RowCoeffs<acc_t>& c, const LossParams& p) {
+                                        const RowCoeffs<wide_t>& c, const LossParams& p) {
   Exp2Coeffs<acc_t> e;
   e.sh = sh;
   if (p.has_soft) {
-    e.p_scale = c.soft_coef / x.sum_t;
-    e.q_scale = c.soft_coef / x.sum_b;
+    e.p_scale = acc_t(c.soft_coef / wide_t(x.sum_t));
+    e.q_scale = acc_t(c.soft_coef / wide_t(x.sum_b));
   }
-  if (p.has_hard) e.r_scale = c.hard_coef / x.sum_1;
-  e.uniform = c.uniform;
-  e.target_coef = c.target_coef;
-  e.inv_t = c.inv_t;
-  e.teacher_shift = c.teacher_shift;
+  if (p.has_hard) e.r_scale = acc_t(c.hard_coef / wide_t(x.sum_1));
+  e.uniform = acc_t(c.uniform);
+  e.target_coef = acc_t(c.target_coef);
+  e.teacher_shift = acc_t(c.teacher_shift);
   return e;
 }
 
-// d/ds of one element in the exp2 form (before the target correction), as element_student_grad.
-// *soft_p receives soft_coef * p for exp2_teacher_grad.
-template <class Math, bool kSoft, bool kHard, int kTMode, class acc_t>
-FASTKD_HD acc_t exp2_student_grad(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, acc_t* soft_p) {
-  acc_t g = 0;
-  acc_t eb = 0;
-  if constexpr (kSoft || (kHard && kTMode != 0)) eb = Math::exp2(std::fma(s, c.sh.b.k, c.sh.b.c));
+// Gradients of one element in the frame (before the target correction), as element_student_grad
+// and element_teacher_grad: gs = soft_coef (q - p) + hard_coef r - uniform, and when kTeacher
+// gt = soft_coef p (log p - log q - soft).
+template <class Math, bool kSoft, bool kHard, int kTMode, bool kTeacher, class acc_t>
+FASTKD_HD void exp2_element_grads(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, acc_t& gs, acc_t& gt) {
+  acc_t g = 0, v = 0, eb = 0;
+  if constexpr (kSoft || (kHard && kTMode != 0)) {
+    v = std::fma(s, c.sh.b.k, c.sh.b.c);
+    eb = Math::exp2(v);
+  }
   if constexpr (kSoft) {
-    const acc_t pw = Math::exp2(std::fma(t, c.sh.t.k, c.sh.t.c)) * c.p_scale;
+    const acc_t u = std::fma(t, c.sh.t.k, c.sh.t.c);
+    const acc_t pw = Math::exp2(u) * c.p_scale;  // soft_coef * p
     g = std::fma(eb, c.q_scale, -pw);
-    *soft_p = pw;
+    if constexpr (kTeacher) gt = pw * std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift);
   }
   if constexpr (kHard) {
     acc_t e1;
@@ -373,13 +419,7 @@ FASTKD_HD acc_t exp2_student_grad(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, 
     }
     g = std::fma(e1, c.r_scale, g) - c.uniform;
   }
-  return g;
-}
-
-// d/dt of one element from soft_p = soft_coef * p, as element_teacher_grad.
-template <class Math, class acc_t>
-FASTKD_HD acc_t exp2_teacher_grad(acc_t s, acc_t t, acc_t soft_p, const Exp2Coeffs<acc_t>& c) {
-  return Math::zero_where_zero(soft_p, soft_p * std::fma(t - s, c.inv_t, -c.teacher_shift));
+  gs = g;
 }
 
 // Scale of the reduction applied to every row's gradient (and to the summed loss).

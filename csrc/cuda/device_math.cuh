@@ -39,9 +39,13 @@ struct DevMath<float> {
   static __device__ __forceinline__ float zero_where_zero(float p, float x) { return p == 0.f ? 0.f : x; }
 };
 
+// fp64 (gradcheck, tests): the accurate library exp2, out of line so the unrolled loops stay small
+// and the file compiles in reasonable time.
+__device__ __noinline__ inline double exp2_f64(double x) { return ::exp2(x); }
+
 template <>
 struct DevMath<double> {
-  static __device__ __forceinline__ double exp2(double x) { return ::exp2(x); }
+  static __device__ __forceinline__ double exp2(double x) { return exp2_f64(x); }
   static __device__ __forceinline__ double zero_where_zero(double p, double x) { return p == 0.0 ? 0.0 : x; }
 };
 
@@ -144,6 +148,47 @@ __device__ __forceinline__ void store_chunk(X* p, const acc_of<X> (&in)[N]) {
     __stcs(p, from_acc<X>(in[0]));
   }
 }
+
+// Running maximum over 16-byte chunks; 2-byte types compare packed pairs (one bf16x2 / half2 max
+// per two elements, no widening). Like fmaxf, a NaN lane loses to a number.
+template <class X>
+struct ChunkMax {
+  acc_of<X> m = -INFINITY;
+  __device__ __forceinline__ void add(const uint4& v) {
+    acc_of<X> x[kVecElems<X>];
+    unpack<X>(v, x);
+#pragma unroll
+    for (int i = 0; i < kVecElems<X>; ++i) m = dmax(m, x[i]);
+  }
+  __device__ __forceinline__ acc_of<X> value() const { return m; }
+};
+
+template <class X2, class X>
+struct PackedChunkMax {
+  X2 m[2];
+  __device__ __forceinline__ PackedChunkMax() {
+    const X lowest = X(-INFINITY);
+    m[0] = m[1] = X2(lowest, lowest);
+  }
+  __device__ __forceinline__ void add(const uint4& v) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      X2 h;
+      memcpy(&h, &w[i], 4);
+      m[i & 1] = __hmax2(m[i & 1], h);
+    }
+  }
+  __device__ __forceinline__ float value() const {
+    const X2 r = __hmax2(m[0], m[1]);
+    return fmaxf(float(r.x), float(r.y));
+  }
+};
+
+template <>
+struct ChunkMax<__nv_bfloat16> : PackedChunkMax<__nv_bfloat162, __nv_bfloat16> {};
+template <>
+struct ChunkMax<__half> : PackedChunkMax<__half2, __half> {};
 
 // ---------------------------------------------------------------- reductions
 // Butterfly reductions: every lane ends with the same value, combined in the same order each run.

@@ -82,18 +82,13 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
   __syncthreads();
 
   // ---- pass 1: maxima
-  acc_t mx[2] = {neg_inf<acc_t>(), neg_inf<acc_t>()};
+  ChunkMax<X> max_t, max_s;
 #pragma unroll 2
   for (int64_t c = tid; c < nch; c += nthreads) {
-    acc_t s[N], t[N];
-    load_chunk<X, N, false>(sm_s + c * N, s);
-    if constexpr (kSoft) load_chunk<X, N, false>(sm_t + c * N, t);
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if constexpr (kSoft) mx[0] = dmax(mx[0], t[i]);
-      mx[1] = dmax(mx[1], s[i]);
-    }
+    max_s.add(*reinterpret_cast<const uint4*>(sm_s + c * N));
+    if constexpr (kSoft) max_t.add(*reinterpret_cast<const uint4*>(sm_t + c * N));
   }
+  acc_t mx[2] = {kSoft ? acc_t(max_t.value()) : neg_inf<acc_t>(), acc_t(max_s.value())};
   block_combine<true, 2>(mx, red_max);
   if (cl > 1) {
     if (tid == 0) {
@@ -142,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
   x.sum_b = sums[2];
   x.sum_1 = sums[3];
   x.sum_s = sums[4];
-  const Exp2Coeffs<acc_t> c = finish_row<kTMode>(a, row, x, mx[0], mx[1], sh, s_target, rank == 0 && tid == 0);
+  const Exp2Coeffs<acc_t> c = finish_row(a, row, x, mx[1], sh, s_target, rank == 0 && tid == 0);
 
   // ---- pass 3: the gradient of the slice, from shared memory
   X* gs_row = a.grad_student != nullptr ? static_cast<X*>(a.grad_student) + row * V + lo : nullptr;

@@ -62,18 +62,18 @@ __device__ void zero_row_grads(const KernelArgs& k, int64_t row, int64_t lo, int
   }
 }
 
-// Turns a row's merged sums into its loss (written by `writer`) and its gradient coefficients.
-template <int kTMode, class acc_t>
+// Turns a row's merged frame sums into its loss (written by `writer`) and gradient coefficients.
+// finalize() runs in fp64 (a few dozen operations per row), as on the CPU.
+template <class acc_t>
 __device__ __forceinline__ Exp2Coeffs<acc_t> finish_row(const DistillLaunch& a, int64_t row,
-                                                        const Exp2Sums<acc_t>& x, acc_t max_t, acc_t max_s,
-                                                        const Exp2Shifts<acc_t>& sh, acc_t s_target,
-                                                        bool writer) {
-  const RowStats<acc_t> st = exp2_row_stats(x, max_t, max_s, sh, a.params);
-  const acc_t scale = a.scale_device != nullptr ? acc_t(*a.scale_device) : acc_t(a.scale_host);
-  RowCoeffs<acc_t> c;
-  const RowLoss<acc_t> l = finalize<acc_t>(st, s_target, a.params, scale, &c);
-  if (writer) write_row(a, row, l.loss, l.soft, l.hard);
-  return exp2_coeffs(x, sh, c, a.params);
+                                                        const Exp2Sums<acc_t>& x, acc_t max_s,
+                                                        const Exp2Shifts<acc_t>& sh, acc_t s_target, bool writer) {
+  const RowStats<double> st = exp2_row_stats<double>(x, max_s, sh);
+  const double scale = a.scale_device != nullptr ? *a.scale_device : a.scale_host;
+  RowCoeffs<double> c;
+  const RowLoss<double> l = finalize<double>(st, double(s_target), a.params, scale, &c);
+  if (writer) write_row<acc_t>(a, row, acc_t(l.loss), acc_t(l.soft), acc_t(l.hard));
+  return exp2_coeffs<acc_t>(x, sh, c, a.params);
 }
 
 // Gradients of one chunk of N elements starting at column j0 (y: the row's target or -1).
@@ -82,15 +82,20 @@ __device__ __forceinline__ void grad_chunk(const acc_t (&s)[N], const acc_t (&t)
                                            int64_t j0, int64_t y, bool want_teacher, acc_t (&gs)[N],
                                            acc_t (&gt)[N]) {
   using M = DevMath<acc_t>;
+  if (kSoft && want_teacher) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    acc_t pw = 0;
-    gs[i] = exp2_student_grad<M, kSoft, kHard, kTMode>(s[i], t[i], c, &pw);
-    if constexpr (kSoft) {
-      if (want_teacher) gt[i] = exp2_teacher_grad<M>(s[i], t[i], pw, c);
-    }
-    if constexpr (kHard) {
-      if (j0 + i == y) gs[i] -= c.target_coef;
+    for (int i = 0; i < N; ++i) exp2_element_grads<M, kSoft, kHard, kTMode, kSoft>(s[i], t[i], c, gs[i], gt[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) exp2_element_grads<M, kSoft, kHard, kTMode, false>(s[i], t[i], c, gs[i], gt[i]);
+  }
+  if constexpr (kHard) {
+    const int64_t d = y - j0;  // the target's place in this chunk, checked once per chunk
+    if (d >= 0 && d < N) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (i == d) gs[i] -= c.target_coef;
+      }
     }
   }
 }

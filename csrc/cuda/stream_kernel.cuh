@@ -17,25 +17,6 @@ struct OnlineSums {
   Exp2Sums<acc_t> x;
 };
 
-// Factor moving a stream's sums from shift `from` (of maximum from_max) to shift `to`; an empty
-// stream (maximum -inf) has sums 0 and gets factor 0 rather than 2^(huge).
-template <class acc_t>
-__device__ __forceinline__ acc_t shift_factor(acc_t from_max, const Exp2Shift<acc_t>& from, const Exp2Shift<acc_t>& to) {
-  if (from_max == neg_inf<acc_t>()) return acc_t(0);
-  if (from.c == to.c) return acc_t(1);
-  return DevMath<acc_t>::exp2(to.c - from.c);
-}
-
-template <class acc_t>
-__device__ __forceinline__ void move_sums(Exp2Sums<acc_t>& x, acc_t max_t, acc_t max_s, const Exp2Shifts<acc_t>& from,
-                                          const Exp2Shifts<acc_t>& to) {
-  const acc_t ft = shift_factor(max_t, from.t, to.t);
-  x.sum_t *= ft;
-  x.w *= ft;
-  x.sum_b *= shift_factor(max_s, from.b, to.b);
-  x.sum_1 *= shift_factor(max_s, from.one, to.one);
-}
-
 // Chunks of N elements per load (a 16-byte vector, or 1 for unaligned rows) and U chunks per step:
 // 16 elements of each stream in flight per thread (32 to 64 bytes), two blocks per SM unspilled.
 template <int N>
@@ -90,7 +71,7 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
     if (step_t > o.max_t || step_s > o.max_s) {  // rare after the first steps
       const acc_t new_t = dmax(o.max_t, step_t), new_s = dmax(o.max_s, step_s);
       const Exp2Shifts<acc_t> sh = exp2_shifts<kTMode>(new_t, new_s, a.params);
-      move_sums(o.x, o.max_t, o.max_s, o.sh, sh);
+      exp2_move<M>(o.x, o.max_t, o.max_s, o.sh, sh);
       o.sh = sh;
       o.max_t = new_t;
       o.max_s = new_s;
@@ -115,7 +96,7 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
     block_combine<true, 2>(mx, red_max);
   }
   const Exp2Shifts<acc_t> sh = exp2_shifts<kTMode>(mx[0], mx[1], a.params);
-  move_sums(o.x, o.max_t, o.max_s, o.sh, sh);
+  exp2_move<M>(o.x, o.max_t, o.max_s, o.sh, sh);
   acc_t sums[5] = {o.x.sum_t, o.x.w, o.x.sum_b, o.x.sum_1, o.x.sum_s};
   if (k.warp_per_row) {
 #pragma unroll
@@ -129,7 +110,7 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
   x.sum_b = sums[2];
   x.sum_1 = sums[3];
   x.sum_s = sums[4];
-  const Exp2Coeffs<acc_t> c = finish_row<kTMode>(a, row, x, mx[0], mx[1], sh, s_target, lane == 0);
+  const Exp2Coeffs<acc_t> c = finish_row(a, row, x, mx[1], sh, s_target, lane == 0);
 
   // ---- pass 2: the gradient, last chunks first
   X* gs_row = a.grad_student != nullptr ? static_cast<X*>(a.grad_student) + row * V : nullptr;
