@@ -12,12 +12,21 @@ from fastkd.terms import DistillTerms
 _warned_devices: set[str] = set()
 
 
+# Device types with a fused kernel in this build, fixed once the extension has registered its ops; a
+# set lookup is what torch.compile(fullgraph=True) can trace (the dispatcher query is a graph break).
+_KERNEL_DEVICES = frozenset(
+    {"meta"}
+    | {
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_forward", key)
+    }
+)
+
+
 def has_kernel(device: torch.device) -> bool:
     """Whether a fused fastkd kernel is registered for this device type."""
-    if device.type == "meta":
-        return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_forward", key)
+    return device.type in _KERNEL_DEVICES
 
 
 def distill_loss(
