@@ -90,9 +90,13 @@ inline PreparedCall prepare_call(const at::Tensor& student, const at::Tensor& te
   p.soft_weight = alpha * (scale_by_temperature_squared ? temperature * temperature : 1.0);
   p.label_smoothing = label_smoothing;
   p.vocab = call.vocab;
-  p.has_soft = alpha > 0;
-  p.has_hard = alpha < 1;
+  // Both terms are computed whenever they are defined, even at weight 0, so return_terms reports
+  // them truthfully; alpha only weighs them. The hard term needs a target.
+  p.has_soft = true;
+  p.has_hard = target.has_value();
   p.unit_temperature = temperature == 1.0;
+  p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;
+  p.element_epsilon = call.float64 ? 1.2e-16 : 6e-8;
   return call;
 }
 

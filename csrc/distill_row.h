@@ -39,9 +39,15 @@ struct LossParams {
   double soft_weight = 0.5;    // alpha * (T^2 if scale_by_temperature_squared else 1)
   double label_smoothing = 0.0;
   int64_t vocab = 0;
-  bool has_soft = true;        // alpha > 0: the teacher is read at all
-  bool has_hard = true;        // alpha < 1: the cross-entropy term exists
+  bool has_soft = true;        // the KL term is computed (the teacher is read)
+  bool has_hard = true;        // the cross-entropy term is computed (a target is given)
   bool unit_temperature = false;  // T == 1: softmax(s / T) is softmax(s), one exp stream less
+  // T when it is 1, 2 or 4, else 0: exp(s - max) = exp((s - max) / T)^T, a multiply or two instead
+  // of a second exp stream.
+  int integer_temperature = 0;
+  // Relative rounding of one element's arithmetic (fp32 unless the inputs are float64): decides
+  // whether the single-pass KL is accurate enough or the refinement is needed.
+  double element_epsilon = 6e-8;
 };
 
 inline namespace FASTKD_ISA {
@@ -75,6 +81,7 @@ struct RowStats {
   acc_t sum_b = 0;                 // sum_j exp((s_j - max_s) / T)
   acc_t sum_1 = 0;                 // sum_j exp(s_j - max_s)
   acc_t sum_s = 0;                 // sum_j s_j (label smoothing)
+  acc_t max_d = neg_inf<acc_t>();  // max_j (t_j - s_j) / T: decides whether the KL refinement is safe
 
   // Moves the running sums onto new maxima (raw units) before a chunk relative to them is added.
   FASTKD_HD void rebase(acc_t new_max_t, acc_t new_max_s, acc_t inv_t) {
@@ -99,6 +106,7 @@ struct RowStats {
     sum_b += other.sum_b;
     sum_1 += other.sum_1;
     sum_s += other.sum_s;
+    max_d = nan_max(max_d, other.max_d);
   }
 
   // Adds one element (scalar online update; the vector paths add whole chunks instead).
@@ -109,6 +117,7 @@ struct RowStats {
       const acc_t et = std::exp((t - max_t) * inv_t);
       sum_t += et;
       if (et > acc_t(0)) w += et * ((t - s) * inv_t);
+      max_d = nan_max(max_d, (t - s) * inv_t);
     }
     if (max_s != neg_inf<acc_t>()) {
       const acc_t eb = std::exp((s - max_s) * inv_t);
@@ -125,11 +134,13 @@ template <class acc_t>
 struct RowCoeffs {
   acc_t max_t, max_s, inv_t;
   acc_t inv_sum_t, inv_sum_b, inv_sum_1;
+  acc_t sum_b;           // undoes q's normalisation for integer_power()
   acc_t soft_coef;       // alpha * c / T * scale: multiplies (q - p) and the teacher gradient
   acc_t hard_coef;       // (1 - alpha) * scale: multiplies r
   acc_t uniform;         // hard_coef * eps / V: the label-smoothing share of every class
   acc_t target_coef;     // hard_coef * (1 - eps): subtracted at the target class
-  acc_t teacher_shift;   // (max_t - max_s) / T + log sum_t - log sum_b + soft: log p - log q - soft
+  acc_t teacher_shift;   // E_p[(t - s) / T] = log p - log q - soft, exactly (see finalize)
+  bool refine;           // the KL refinement pass is safe (no overflow) for this row
 };
 
 template <class acc_t>
@@ -149,9 +160,12 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
   const acc_t log_sum_b = std::log(st.sum_b);
   const acc_t log_sum_1 = std::log(st.sum_1);
   RowLoss<acc_t> out{acc_t(0), acc_t(0), acc_t(0)};
+  // mu = E_p[d], d = a - b = (t - s) / T. KL = mu - (lse_a - lse_b), the maxima split out of both
+  // lse. This difference of logs loses ~1e-7 * |lse| absolutely, which T^2 magnifies at large T;
+  // refine_soft() recovers it from the second pass.
+  const acc_t mu = st.w / st.sum_t;
   if (p.has_soft) {
-    // KL = E_p[a - b] - lse_a + lse_b, with the maxima split out of both lse.
-    out.soft = st.w / st.sum_t - (st.max_t - st.max_s) * inv_t - log_sum_t + log_sum_b;
+    out.soft = mu - (st.max_t - st.max_s) * inv_t - log_sum_t + log_sum_b;
   }
   if (p.has_hard) {
     const acc_t eps = acc_t(p.label_smoothing);
@@ -170,13 +184,34 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
     c.inv_sum_t = acc_t(1) / st.sum_t;
     c.inv_sum_b = acc_t(1) / st.sum_b;
     c.inv_sum_1 = acc_t(1) / st.sum_1;
+    c.sum_b = st.sum_b;
     c.soft_coef = p.has_soft ? acc_t(p.soft_weight) * inv_t * grad_scale : acc_t(0);
     c.hard_coef = p.has_hard ? acc_t(1.0 - p.alpha) * grad_scale : acc_t(0);
     c.uniform = c.hard_coef * acc_t(p.label_smoothing) / acc_t(p.vocab);
     c.target_coef = c.hard_coef * (acc_t(1) - acc_t(p.label_smoothing));
-    c.teacher_shift = (st.max_t - st.max_s) * inv_t + log_sum_t - log_sum_b + out.soft;
+    // log p_j - log q_j = d_j - (lse_a - lse_b) = d_j - mu + KL, so log p - log q - KL = d_j - mu.
+    c.teacher_shift = mu;
+    // The single-pass KL is off by ~eps * (2 + |mu|) (the logs of the sums are good to eps). When
+    // the soft weight (T^2) magnifies that past 1e-6 of the row's loss, refine. The refinement's
+    // products q_j * exp(d_j - mu) = p_j * exp(-KL) <= 1 need exp(d_j - mu) finite and q_j not lost
+    // to underflow where it matters: d_j - mu <= 20 guarantees both.
+    const acc_t single_pass_error = acc_t(2 * p.element_epsilon) * (acc_t(2) + std::fabs(mu)) *
+                                    acc_t(p.soft_weight > 1.0 ? p.soft_weight : 1.0);
+    c.refine = p.has_soft && (st.max_d - mu) <= acc_t(20) &&
+               single_pass_error > acc_t(1e-6) * std::fabs(out.loss);
   }
   return out;
+}
+
+// exp(x)^k for the integer temperatures k = 1, 2, 4 (kPowT); kPowT == 0 means "not integer".
+template <int kPowT, class V>
+FASTKD_HD V integer_power(V x) {
+  if constexpr (kPowT == 2) return x * x;
+  if constexpr (kPowT == 4) {
+    const V x2 = x * x;
+    return x2 * x2;
+  }
+  return x;
 }
 
 // Gradients of one element (or one vector of elements) of a finished row, before the target
@@ -184,19 +219,24 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
 //   d/ds = soft_coef * (q - p) + hard_coef * r - uniform
 //   d/dt = soft_coef * p * (log p - log q - soft)
 // V is a scalar or a vector type; Math provides exp(V) and zero_where_zero(V p, V x) (x, or 0 where p == 0).
-template <class Math, bool kSoft, bool kHard, bool kUnitT, class V, class acc_t>
-FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out) {
+// kPowT: the integer temperature (1, 2, 4) or 0 (true / false read as 1 / 0).
+template <class Math, bool kSoft, bool kHard, int kPowT, class V, class acc_t>
+FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out, V* q_out = nullptr) {
   const V inv_t(c.inv_t);
   V q(acc_t(0));
-  if constexpr (kSoft || kUnitT) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
+  if constexpr (kSoft || kPowT != 0) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
   V g(acc_t(0));
   if constexpr (kSoft) {
     const V p = Math::exp((t - V(c.max_t)) * inv_t) * V(c.inv_sum_t);
     g = V(c.soft_coef) * (q - p);
     if (p_out != nullptr) *p_out = p;
+    if (q_out != nullptr) *q_out = q;
   }
   if constexpr (kHard) {
-    const V r = (kUnitT) ? q : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
+    // exp(s - max) / sum_1, from q's exponential when T is an integer.
+    const V r = (kPowT == 1)   ? q
+                : (kPowT != 0) ? integer_power<kPowT>(q * V(c.sum_b)) * V(c.inv_sum_1)
+                               : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
     g = g + V(c.hard_coef) * r - V(c.uniform);
   }
   return g;
@@ -208,6 +248,26 @@ template <class Math, class V, class acc_t>
 FASTKD_HD V element_teacher_grad(V s, V t, V p, const RowCoeffs<acc_t>& c) {
   const V log_ratio_minus_soft = (t - s) * V(c.inv_t) - V(c.teacher_shift);
   return Math::zero_where_zero(p, V(c.soft_coef) * p * log_ratio_minus_soft);
+}
+
+// The KL refinement: KL = mu - (lse_a - lse_b) and lse_a - lse_b = mu + log E_q[exp(d - mu)], so
+//   KL = -log1p(R),  R = sum_j q_j * expm1(d_j - mu).
+// Every term is computed from the difference d_j - mu directly, with no cancellation between large
+// logs: exact to fp32 rounding even at T = 100 or when teacher and student nearly agree.
+// Math provides expm1(V). Summed by the kernel over the row, then refine_soft().
+template <class Math, class V, class acc_t>
+FASTKD_HD V element_kl_refinement(V s, V t, V q, const RowCoeffs<acc_t>& c) {
+  return q * Math::expm1((t - s) * V(c.inv_t) - V(c.teacher_shift));
+}
+
+// The refined KL replaces the single-pass one where the latter's cancellation matters, KL < ln 2
+// (1 + R > 1/2); above that the single-pass form is already accurate and R, a sum that nearly
+// cancels to -1, is the weaker one.
+template <class acc_t>
+FASTKD_HD void refine_soft(RowLoss<acc_t>& loss, acc_t refinement_sum, const LossParams& p) {
+  if (!(refinement_sum > acc_t(-0.5))) return;
+  loss.soft = -std::log1p(refinement_sum);
+  loss.loss = acc_t(p.soft_weight) * loss.soft + acc_t(1.0 - p.alpha) * loss.hard;
 }
 
 // ---------------------------------------------------------------- exp2 form
@@ -247,8 +307,9 @@ FASTKD_HD Exp2Shift<acc_t> exp2_shift_squared(const Exp2Shift<acc_t>& sh) {
   return sq;
 }
 
-// A row's frames: t (teacher at T), b (student at T), one (student at T = 1). kTMode 1 (T == 1) and
-// 2 (T == 2) derive the T = 1 stream from the b-stream instead of a third exponential.
+// A row's frames: t (teacher at T), b (student at T), one (student at T = 1). kTMode 1, 2 and 4
+// (LossParams::integer_temperature) derive the T = 1 stream from the b-stream, 2^v raised to the
+// power T, instead of a third exponential.
 template <class acc_t>
 struct Exp2Shifts {
   Exp2Shift<acc_t> t, b, one;
@@ -265,6 +326,8 @@ FASTKD_HD Exp2Shifts<acc_t> exp2_shifts(acc_t max_t, acc_t max_s, const LossPara
     sh.one = sh.b;
   } else if constexpr (kTMode == 2) {
     sh.one = exp2_shift_squared(sh.b);
+  } else if constexpr (kTMode == 4) {
+    sh.one = exp2_shift_squared(exp2_shift_squared(sh.b));
   } else {
     sh.one = exp2_shift(max_s, log2e);
   }
@@ -272,10 +335,11 @@ FASTKD_HD Exp2Shifts<acc_t> exp2_shifts(acc_t max_t, acc_t max_s, const LossPara
 }
 
 // Sums of a row in its frames: sum_t = sum 2^u, w = sum 2^u (u - v), sum_b = sum 2^v,
-// sum_1 = sum 2^(s k_1 + c_1), sum_s = sum s (raw).
+// sum_1 = sum 2^(s k_1 + c_1), sum_s = sum s (raw), and max_d = max (u - v) (RowStats::max_d).
 template <class acc_t>
 struct Exp2Sums {
   acc_t sum_t = 0, w = 0, sum_b = 0, sum_1 = 0, sum_s = 0;
+  acc_t max_d = neg_inf<acc_t>();
 
   FASTKD_HD void add(const Exp2Sums& o) {
     sum_t += o.sum_t;
@@ -283,8 +347,24 @@ struct Exp2Sums {
     sum_b += o.sum_b;
     sum_1 += o.sum_1;
     sum_s += o.sum_s;
+    max_d = std::fmax(max_d, o.max_d);
   }
 };
+
+// e1 = 2^(s k_1 + c_1) from 2^v when T is 1, 2 or 4 (kTMode), else its own exponential.
+template <class Math, int kTMode, class acc_t>
+FASTKD_HD acc_t exp2_unit_stream(acc_t s, acc_t eb, const Exp2Shifts<acc_t>& sh) {
+  if constexpr (kTMode == 1) {
+    return eb;
+  } else if constexpr (kTMode == 2) {
+    return eb * eb;
+  } else if constexpr (kTMode == 4) {
+    const acc_t e2 = eb * eb;
+    return e2 * e2;
+  } else {
+    return Math::exp2(std::fma(s, sh.one.k, sh.one.c));
+  }
+}
 
 // u - v for the w sum and the teacher gradient, with -inf - x and NaN (both logits -inf) raised to
 // the lowest finite value: a -inf teacher logit (2^u = 0) then adds exactly 0 where 0 * inf would be
@@ -306,20 +386,14 @@ FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2S
   if constexpr (kSoft) {
     const acc_t u = std::fma(t, sh.t.k, sh.t.c);
     const acc_t et = Math::exp2(u);
+    const acc_t d = exp2_frame_diff(u, v);
     x.sum_t += et;
-    x.w = std::fma(et, exp2_frame_diff(u, v), x.w);
+    x.w = std::fma(et, d, x.w);
     x.sum_b += eb;
+    x.max_d = std::fmax(x.max_d, d);
   }
   if constexpr (kHard) {
-    acc_t e1;
-    if constexpr (kTMode == 1) {
-      e1 = eb;
-    } else if constexpr (kTMode == 2) {
-      e1 = eb * eb;
-    } else {
-      e1 = Math::exp2(std::fma(s, sh.one.k, sh.one.c));
-    }
-    x.sum_1 += e1;
+    x.sum_1 += exp2_unit_stream<Math, kTMode>(s, eb, sh);
     x.sum_s += s;
   }
 }
@@ -334,10 +408,12 @@ FASTKD_HD void exp2_move(Exp2Sums<acc_t>& x, acc_t from_t, acc_t from_s, const E
   const acc_t dt = to.t.c - from.t.c, db = to.b.c - from.b.c;
   if (from_t == ninf) {
     x.sum_t = x.w = acc_t(0);
+    x.max_d = neg_inf<acc_t>();
   } else if (dt != acc_t(0) || db != acc_t(0)) {
     const acc_t ft = dt == acc_t(0) ? acc_t(1) : Math::exp2(dt);
     x.w = ft * (x.w + x.sum_t * (dt - db));  // each u - v grows by dt - db
     x.sum_t *= ft;
+    x.max_d += dt - db;
   }
   if (from_s == ninf) {
     x.sum_b = x.sum_1 = acc_t(0);
@@ -362,6 +438,7 @@ FASTKD_HD RowStats<wide_t> exp2_row_stats(const Exp2Sums<acc_t>& x, acc_t max_s,
   st.sum_b = wide_t(x.sum_b);
   st.sum_1 = wide_t(x.sum_1) * std::exp2(-wide_t(sh.one.r));
   st.sum_s = wide_t(x.sum_s);
+  st.max_d = wide_t(x.max_d) * wide_t(0.6931471805599453);
   return st;
 }
 
@@ -372,7 +449,9 @@ struct Exp2Coeffs {
   Exp2Shifts<acc_t> sh;
   acc_t p_scale = 0, q_scale = 0, r_scale = 0;
   acc_t uniform = 0, target_coef = 0;
-  acc_t teacher_shift = 0;  // ln sum 2^u - ln sum 2^v + soft: log p - log q - soft = (u - v) ln 2 - this
+  acc_t teacher_shift = 0;  // mu = E_p[(u - v) ln 2]: log p - log q - soft = (u - v) ln 2 - mu
+  acc_t inv_sum_b = 0;      // q = 2^v * inv_sum_b, for the KL refinement
+  bool refine = false;      // RowCoeffs::refine: this row's KL comes from exp2_refinement_term sums
 };
 
 // From the frame sums and finalize()'s coefficients of exp2_row_stats()'s RowStats.
@@ -389,6 +468,8 @@ FASTKD_HD Exp2Coeffs<acc_t> exp2_coeffs(const Exp2Sums<acc_t>& x, const Exp2Shif
   e.uniform = acc_t(c.uniform);
   e.target_coef = acc_t(c.target_coef);
   e.teacher_shift = acc_t(c.teacher_shift);
+  e.inv_sum_b = acc_t(wide_t(1) / wide_t(x.sum_b));
+  e.refine = c.refine;
   return e;
 }
 
@@ -408,18 +489,18 @@ FASTKD_HD void exp2_element_grads(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, 
     g = std::fma(eb, c.q_scale, -pw);
     if constexpr (kTeacher) gt = pw * std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift);
   }
-  if constexpr (kHard) {
-    acc_t e1;
-    if constexpr (kTMode == 1) {
-      e1 = eb;
-    } else if constexpr (kTMode == 2) {
-      e1 = eb * eb;
-    } else {
-      e1 = Math::exp2(std::fma(s, c.sh.one.k, c.sh.one.c));
-    }
-    g = std::fma(e1, c.r_scale, g) - c.uniform;
-  }
+  if constexpr (kHard) g = std::fma(exp2_unit_stream<Math, kTMode>(s, eb, c.sh), c.r_scale, g) - c.uniform;
   gs = g;
+}
+
+// One element's term of the KL refinement (element_kl_refinement in the frame): q expm1(d - mu).
+// Summed over the row, then refine_soft(). Math provides expm1.
+template <class Math, class acc_t>
+FASTKD_HD acc_t exp2_refinement_term(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c) {
+  const acc_t v = std::fma(s, c.sh.b.k, c.sh.b.c);
+  const acc_t u = std::fma(t, c.sh.t.k, c.sh.t.c);
+  const acc_t q = Math::exp2(v) * c.inv_sum_b;
+  return q * Math::expm1(std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift));
 }
 
 // Scale of the reduction applied to every row's gradient (and to the summed loss).

@@ -12,21 +12,17 @@ from fastkd.terms import DistillTerms
 _warned_devices: set[str] = set()
 
 
-# Device types with a fused kernel in this build, fixed once the extension has registered its ops; a
-# set lookup is what torch.compile(fullgraph=True) can trace (the dispatcher query is a graph break).
-_KERNEL_DEVICES = frozenset(
-    {"meta"}
-    | {
-        device
-        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_forward", key)
-    }
-)
-
-
 def has_kernel(device: torch.device) -> bool:
     """Whether a fused fastkd kernel is registered for this device type."""
-    return device.type in _KERNEL_DEVICES
+    return _has_kernel_for(device.type)
+
+
+@torch.compiler.assume_constant_result  # a fact of the build: torch.compile need not trace it
+def _has_kernel_for(device_type: str) -> bool:
+    if device_type == "meta":
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_forward", key)
 
 
 def distill_loss(

@@ -37,11 +37,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.reduction = reduction
 
 
-def _reuse_saved_gradient_in_place() -> bool:
+def _reuse_saved_gradient_in_place(grad: torch.Tensor) -> bool:
     """Scaling the saved gradient in place (and handing it to autograd, which then keeps it as .grad
     without a copy) is safe only when this graph is freed after this backward: not under
-    retain_graph / create_graph, and not while torch.compile traces the backward."""
-    if torch.compiler.is_compiling():
+    retain_graph / create_graph, and not while torch.compile or AOT autograd traces the backward."""
+    tracing = (
+        torch.compiler.is_compiling()
+        or type(grad) is not torch.Tensor  # FakeTensor, FunctionalTensor, ...
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+    if tracing:
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None:
@@ -62,7 +67,7 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, in_pl
 
 def _backward(ctx, grad_loss, _grad_soft, _grad_hard, _grad_gs, _grad_gt):
     grad_s, grad_t = ctx.saved_tensors
-    in_place = _reuse_saved_gradient_in_place()
+    in_place = _reuse_saved_gradient_in_place(grad_s)
     d_student = d_teacher = None
     if ctx.needs_input_grad[0] and grad_s.numel() > 0:
         d_student = _scaled(grad_s, grad_loss, ctx.reduction, in_place)

@@ -35,8 +35,10 @@ def distill_loss(
     log_p = F.log_softmax(t / temperature, dim=-1)
     log_q = F.log_softmax(s / temperature, dim=-1)
     p = log_p.exp()
-    # p log(p / q), with 0 where p == 0 (a -inf teacher logit).
-    soft = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    # p log(p / q), with 0 where p == 0 (a -inf teacher logit); the where() sits inside the product
+    # so that no NaN reaches the gradient either.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    soft = (p * log_ratio).sum(-1)
 
     if target is None:
         mask = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)

@@ -80,7 +80,7 @@ ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& 
   at::Tensor grad_t;
   if (teacher_grad) {
     auto opts = teacher.options().dtype(t.scalar_type());
-    grad_t = call.params.has_soft ? at::empty(t.sizes(), opts) : at::zeros(t.sizes(), opts);
+    grad_t = at::empty(t.sizes(), opts);
   } else {
     grad_t = at::empty({0}, teacher.options());
   }
@@ -98,7 +98,7 @@ ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& 
   args.params = call.params;
   args.grad_scale = scale;
   args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
-  args.grad_teacher = (teacher_grad && call.params.has_soft) ? grad_t.data_ptr() : nullptr;
+  args.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
   args.row_loss = row_loss.data();
   args.row_soft = row_soft.data();
   args.row_hard = row_hard.data();

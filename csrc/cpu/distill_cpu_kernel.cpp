@@ -26,12 +26,16 @@ inline namespace FASTKD_ISA {
 namespace {
 
 using at::vec::Vectorized;
+#include "cpu/vec_exp.h"
+
 constexpr int64_t kBlock = 1024;  // elements per block: 4 fp32 streams of 4 KiB stay in L1
 
 template <class acc_t>
 struct VecMath {
   using V = Vectorized<acc_t>;
-  static V exp(const V& x) { return x.exp(); }
+  static V exp(const V& x) { return fast_exp(x); }
+  static V expm1(const V& x) { return fast_expm1(x); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // propagates NaN
   static V zero_where_zero(const V& p, const V& x) {
     return V::blendv(x, V(acc_t(0)), p == V(acc_t(0)));
   }
@@ -40,6 +44,8 @@ struct VecMath {
 template <class acc_t>
 struct ScalarMath {
   static acc_t exp(acc_t x) { return std::exp(x); }
+  static acc_t expm1(acc_t x) { return std::expm1(x); }
+  static acc_t max(acc_t a, acc_t b) { return nan_max(a, b); }
   static acc_t zero_where_zero(acc_t p, acc_t x) { return p == acc_t(0) ? acc_t(0) : x; }
 };
 
@@ -61,6 +67,10 @@ double horizontal_sum(const Vectorized<acc_t>& v) {
   return total;
 }
 
+// fp32 lanes sum at most kFlush vectors before they are added into fp64: at T = 100 the KL term
+// is a difference of logs of sums that agree to ~1e-4, so the sums must be good to ~1e-9.
+constexpr int64_t kFlush = 16;
+
 // A pointer to `n` acc_t values of a row starting at `offset`: the row itself when it is already
 // acc_t, else the values widened into `buf`.
 template <class acc_t>
@@ -81,7 +91,6 @@ const acc_t* load_block(const void* base, c10::ScalarType dtype, int64_t offset,
   }
 }
 
-template <class acc_t>
 double load_one(const void* base, c10::ScalarType dtype, int64_t index) {
   switch (dtype) {
     case c10::ScalarType::Double: return static_cast<const double*>(base)[index];
@@ -110,34 +119,48 @@ void store_block(void* base, c10::ScalarType dtype, int64_t offset, int64_t n, c
   }
 }
 
-size_t element_size(c10::ScalarType dtype) { return c10::elementSize(dtype); }
+void zero_row(void* base, c10::ScalarType dtype, int64_t row, int64_t vocab) {
+  const size_t bytes = c10::elementSize(dtype);
+  std::memset(static_cast<char*>(base) + row * vocab * bytes, 0, vocab * bytes);
+}
 
-// Sums of one block relative to fixed maxima; V is Vectorized<acc_t> or acc_t (the tail).
-template <class Math, bool kSoft, bool kHard, bool kUnitT, class V>
+// Sums of one stretch of a block relative to fixed maxima; V is Vectorized<acc_t> or acc_t (tails).
+template <class Math, bool kSoft, bool kHard, int kPowT, class V>
 struct BlockSums {
-  V sum_t, w, sum_b, sum_1, sum_s;
-  explicit BlockSums(V zero) : sum_t(zero), w(zero), sum_b(zero), sum_1(zero), sum_s(zero) {}
+  V sum_t, w, sum_b, sum_1, sum_s, max_d;
+  BlockSums(V zero, V ninf) : sum_t(zero), w(zero), sum_b(zero), sum_1(zero), sum_s(zero), max_d(ninf) {}
 
   void add(V s, V t, V shift_t, V shift_s, V inv_t) {
     if constexpr (kSoft) {
       const V et = Math::exp((t - shift_t) * inv_t);
+      const V d = (t - s) * inv_t;
       sum_t = sum_t + et;
-      w = w + Math::zero_where_zero(et, et * ((t - s) * inv_t));
+      w = w + Math::zero_where_zero(et, et * d);
+      max_d = Math::max(max_d, d);
     }
     V eb = V(0);
-    if constexpr (kSoft || kUnitT) {
+    if constexpr (kSoft || kPowT != 0) {
       eb = Math::exp((s - shift_s) * inv_t);
       sum_b = sum_b + eb;
     }
     if constexpr (kHard) {
-      sum_1 = sum_1 + (kUnitT ? eb : Math::exp(s - shift_s));
+      sum_1 = sum_1 + (kPowT != 0 ? integer_power<kPowT>(eb) : Math::exp(s - shift_s));
       sum_s = sum_s + s;
     }
+  }
+
+  template <class Total>
+  void add_into(Total& st, double (*reduce)(const V&)) const {
+    st.sum_t += reduce(sum_t);
+    st.w += reduce(w);
+    st.sum_b += reduce(sum_b);
+    st.sum_1 += reduce(sum_1);
+    st.sum_s += reduce(sum_s);
   }
 };
 
 // Pass 1 on one block: raise the running maxima to the block's, then add the block's sums.
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT>
+template <class acc_t, bool kSoft, bool kHard, int kPowT>
 void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int64_t n, double inv_t) {
   using V = Vectorized<acc_t>;
   constexpr int64_t kW = V::size();
@@ -164,140 +187,216 @@ void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int6
   const acc_t shift_s = st.max_s == neg_inf<double>() ? acc_t(0) : acc_t(st.max_s);
   const acc_t inv_t_acc = acc_t(inv_t);
 
-  BlockSums<VecMath<acc_t>, kSoft, kHard, kUnitT, V> vec_sums{V(acc_t(0))};
   const V vshift_t(shift_t), vshift_s(shift_s), vinv_t(inv_t_acc);
-  for (int64_t i = 0; i < n_vec; i += kW) {
-    const V sv = V::loadu(s + i);
-    const V tv = kSoft ? V::loadu(t + i) : V(acc_t(0));
-    vec_sums.add(sv, tv, vshift_t, vshift_s, vinv_t);
+  V max_d(ninf);
+  for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
+    const int64_t stop = std::min(n_vec, start + kFlush * kW);
+    BlockSums<VecMath<acc_t>, kSoft, kHard, kPowT, V> part{V(acc_t(0)), max_d};
+    for (int64_t i = start; i < stop; i += kW) {
+      part.add(V::loadu(s + i), kSoft ? V::loadu(t + i) : V(acc_t(0)), vshift_t, vshift_s, vinv_t);
+    }
+    part.add_into(st, &horizontal_sum<acc_t>);
+    max_d = part.max_d;
   }
-  BlockSums<ScalarMath<acc_t>, kSoft, kHard, kUnitT, acc_t> tail{acc_t(0)};
+  BlockSums<ScalarMath<acc_t>, kSoft, kHard, kPowT, acc_t> tail{acc_t(0), horizontal_max(max_d)};
   for (int64_t i = n_vec; i < n; ++i) {
     tail.add(s[i], kSoft ? t[i] : acc_t(0), shift_t, shift_s, inv_t_acc);
   }
-  st.sum_t += horizontal_sum(vec_sums.sum_t) + double(tail.sum_t);
-  st.w += horizontal_sum(vec_sums.w) + double(tail.w);
-  st.sum_b += horizontal_sum(vec_sums.sum_b) + double(tail.sum_b);
-  st.sum_1 += horizontal_sum(vec_sums.sum_1) + double(tail.sum_1);
-  st.sum_s += horizontal_sum(vec_sums.sum_s) + double(tail.sum_s);
+  tail.add_into(st, +[](const acc_t& x) { return double(x); });
+  st.max_d = nan_max(st.max_d, double(tail.max_d));
 }
 
-// Pass 2 on one block: the gradients (before the target-class correction).
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT, bool kTeacher>
-void gradient_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs<acc_t>& c, acc_t* gs,
-                    acc_t* gt) {
+// Pass 2 on one block: the gradients (before the target-class correction) and, when kRefine, the
+// block's share of the KL refinement sum.
+template <class acc_t, bool kSoft, bool kHard, int kPowT, bool kTeacher, bool kRefine>
+double gradient_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs<acc_t>& c, acc_t* gs,
+                      acc_t* gt) {
   using V = Vectorized<acc_t>;
+  using VM = VecMath<acc_t>;
+  using SM = ScalarMath<acc_t>;
   constexpr int64_t kW = V::size();
   const int64_t n_vec = n - n % kW;
-  for (int64_t i = 0; i < n_vec; i += kW) {
-    const V sv = V::loadu(s + i);
-    const V tv = kSoft ? V::loadu(t + i) : V(acc_t(0));
-    V p(acc_t(0));
-    element_student_grad<VecMath<acc_t>, kSoft, kHard, kUnitT>(sv, tv, c, &p).store(gs + i);
-    if constexpr (kTeacher) element_teacher_grad<VecMath<acc_t>>(sv, tv, p, c).store(gt + i);
+  double refinement = 0;
+  for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
+    const int64_t stop = std::min(n_vec, start + kFlush * kW);
+    V part(acc_t(0));
+    for (int64_t i = start; i < stop; i += kW) {
+      const V sv = V::loadu(s + i);
+      const V tv = kSoft ? V::loadu(t + i) : V(acc_t(0));
+      V p(acc_t(0)), q(acc_t(0));
+      element_student_grad<VM, kSoft, kHard, kPowT>(sv, tv, c, &p, &q).store(gs + i);
+      if constexpr (kTeacher) element_teacher_grad<VM>(sv, tv, p, c).store(gt + i);
+      if constexpr (kRefine) part = part + element_kl_refinement<VM>(sv, tv, q, c);
+    }
+    if constexpr (kRefine) refinement += horizontal_sum(part);
   }
   for (int64_t i = n_vec; i < n; ++i) {
     const acc_t tv = kSoft ? t[i] : acc_t(0);
-    acc_t p = 0;
-    gs[i] = element_student_grad<ScalarMath<acc_t>, kSoft, kHard, kUnitT>(s[i], tv, c, &p);
-    if constexpr (kTeacher) gt[i] = element_teacher_grad<ScalarMath<acc_t>>(s[i], tv, p, c);
+    acc_t p = 0, q = 0;
+    gs[i] = element_student_grad<SM, kSoft, kHard, kPowT>(s[i], tv, c, &p, &q);
+    if constexpr (kTeacher) gt[i] = element_teacher_grad<SM>(s[i], tv, p, c);
+    if constexpr (kRefine) refinement += element_kl_refinement<SM>(s[i], tv, q, c);
   }
+  return refinement;
+}
+
+// The KL refinement sum of one block when no gradient is wanted.
+template <class acc_t>
+double refinement_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs<acc_t>& c) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kW = V::size();
+  const int64_t n_vec = n - n % kW;
+  double refinement = 0;
+  const V shift_s(c.max_s), inv_t(c.inv_t), inv_sum_b(c.inv_sum_b);
+  for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
+    const int64_t stop = std::min(n_vec, start + kFlush * kW);
+    V part(acc_t(0));
+    for (int64_t i = start; i < stop; i += kW) {
+      const V sv = V::loadu(s + i);
+      const V q = fast_exp((sv - shift_s) * inv_t) * inv_sum_b;
+      part = part + element_kl_refinement<VecMath<acc_t>>(sv, V::loadu(t + i), q, c);
+    }
+    refinement += horizontal_sum(part);
+  }
+  for (int64_t i = n_vec; i < n; ++i) {
+    const acc_t q = std::exp((s[i] - c.max_s) * c.inv_t) * c.inv_sum_b;
+    refinement += element_kl_refinement<ScalarMath<acc_t>>(s[i], t[i], q, c);
+  }
+  return refinement;
 }
 
 template <class acc_t>
 RowCoeffs<acc_t> narrow(const RowCoeffs<double>& d) {
-  return RowCoeffs<acc_t>{acc_t(d.max_t),     acc_t(d.max_s),     acc_t(d.inv_t),
-                          acc_t(d.inv_sum_t), acc_t(d.inv_sum_b), acc_t(d.inv_sum_1),
-                          acc_t(d.soft_coef), acc_t(d.hard_coef), acc_t(d.uniform),
-                          acc_t(d.target_coef), acc_t(d.teacher_shift)};
+  return RowCoeffs<acc_t>{acc_t(d.max_t),       acc_t(d.max_s),     acc_t(d.inv_t),
+                          acc_t(d.inv_sum_t),   acc_t(d.inv_sum_b), acc_t(d.inv_sum_1), acc_t(d.sum_b),
+                          acc_t(d.soft_coef),   acc_t(d.hard_coef), acc_t(d.uniform),
+                          acc_t(d.target_coef), acc_t(d.teacher_shift), d.refine};
 }
 
-struct alignas(64) Scratch {
+// Per-thread L1 buffers for widened inputs and narrowed gradients.
+struct Scratch {
   alignas(64) double s[kBlock];
   alignas(64) double t[kBlock];
   alignas(64) double gs[kBlock];
   alignas(64) double gt[kBlock];
-  template <class acc_t>
-  acc_t* as(double* p) { return reinterpret_cast<acc_t*>(p); }
 };
 
-template <class acc_t, bool kSoft, bool kHard, bool kUnitT>
+// One row: pass 1 (statistics), then pass 2 (gradients and KL refinement) over the row again,
+// which is still in L2.
+template <class acc_t, bool kSoft, bool kHard, int kPowT>
+class RowWorker {
+ public:
+  RowWorker(const RowsArgs& a, Scratch& scratch)
+      : a_(a),
+        sbuf_(reinterpret_cast<acc_t*>(scratch.s)),
+        tbuf_(reinterpret_cast<acc_t*>(scratch.t)),
+        gsbuf_(reinterpret_cast<acc_t*>(scratch.gs)),
+        gtbuf_(reinterpret_cast<acc_t*>(scratch.gt)) {}
+
+  void run(int64_t row) {
+    const int64_t vocab = a_.vocab;
+    const int64_t base = row * vocab;
+    const int64_t y = a_.target != nullptr ? a_.target[row] : -1;
+    if (a_.target != nullptr && y == a_.ignore_index) {  // masked: loss and gradients exactly 0
+      a_.row_loss[row] = a_.row_soft[row] = a_.row_hard[row] = 0.0;
+      if (a_.grad_student) zero_row(a_.grad_student, a_.student_dtype, row, vocab);
+      if (a_.grad_teacher) zero_row(a_.grad_teacher, a_.teacher_dtype, row, vocab);
+      return;
+    }
+    RowStats<double> st;
+    for (int64_t off = 0; off < vocab; off += kBlock) {
+      const int64_t n = std::min(kBlock, vocab - off);
+      accumulate_block<acc_t, kSoft, kHard, kPowT>(st, student(base + off, n), teacher(base + off, n), n,
+                                                    a_.params.inv_temperature);
+    }
+    const double s_target = kHard ? load_one(a_.student, a_.student_dtype, base + y) : 0.0;
+    RowCoeffs<double> coeffs{};
+    RowLoss<double> loss = finalize<double>(st, s_target, a_.params, a_.grad_scale, &coeffs);
+    const RowCoeffs<acc_t> c = narrow<acc_t>(coeffs);
+    const bool want_teacher = kSoft && a_.grad_teacher != nullptr;
+    if (a_.grad_student != nullptr || want_teacher) {
+      const double refinement = c.refine ? gradient_pass<true>(base, y, c) : gradient_pass<false>(base, y, c);
+      if (c.refine) refine_soft(loss, refinement, a_.params);
+    } else if (kSoft && c.refine) {
+      double refinement = 0;
+      for (int64_t off = 0; off < vocab; off += kBlock) {
+        const int64_t n = std::min(kBlock, vocab - off);
+        refinement += refinement_block<acc_t>(student(base + off, n), teacher(base + off, n), n, c);
+      }
+      refine_soft(loss, refinement, a_.params);
+    }
+    a_.row_loss[row] = loss.loss;
+    a_.row_soft[row] = loss.soft;
+    a_.row_hard[row] = loss.hard;
+  }
+
+ private:
+  const acc_t* student(int64_t offset, int64_t n) {
+    return load_block<acc_t>(a_.student, a_.student_dtype, offset, n, sbuf_);
+  }
+  const acc_t* teacher(int64_t offset, int64_t n) {
+    return kSoft ? load_block<acc_t>(a_.teacher, a_.teacher_dtype, offset, n, tbuf_) : nullptr;
+  }
+
+  template <bool kRefine>
+  double gradient_pass(int64_t base, int64_t y, const RowCoeffs<acc_t>& c) {
+    double refinement = 0;
+    for (int64_t off = 0; off < a_.vocab; off += kBlock) {
+      const int64_t n = std::min(kBlock, a_.vocab - off);
+      const acc_t* s = student(base + off, n);
+      const acc_t* t = teacher(base + off, n);
+      // Teacher gradient alone: the student's is computed into scratch and dropped.
+      acc_t* gs = a_.grad_student ? grad_target<acc_t>(a_.grad_student, a_.student_dtype, base + off, gsbuf_)
+                                  : gsbuf_;
+      if (kSoft && a_.grad_teacher != nullptr) {
+        acc_t* gt = grad_target<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, gtbuf_);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, kSoft, kRefine>(s, t, n, c, gs, gt);
+        store_block<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, n, gt);
+      } else {
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, false, kRefine>(s, t, n, c, gs, nullptr);
+      }
+      if (a_.grad_student == nullptr) continue;
+      if (kHard && y >= off && y < off + n) gs[y - off] -= c.target_coef;
+      store_block<acc_t>(a_.grad_student, a_.student_dtype, base + off, n, gs);
+    }
+    return refinement;
+  }
+
+  const RowsArgs& a_;
+  acc_t* sbuf_;
+  acc_t* tbuf_;
+  acc_t* gsbuf_;
+  acc_t* gtbuf_;
+};
+
+template <class acc_t, bool kSoft, bool kHard, int kPowT>
 void run_rows(const RowsArgs& a) {
-  const int64_t V = a.vocab;
-  const bool want_teacher = kSoft && a.grad_teacher != nullptr;
   // Enough rows per task that a task streams ~256K elements.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(V, 1));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(a.vocab, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     auto scratch = std::make_unique<Scratch>();
-    acc_t* sbuf = scratch->as<acc_t>(scratch->s);
-    acc_t* tbuf = scratch->as<acc_t>(scratch->t);
-    acc_t* gsbuf = scratch->as<acc_t>(scratch->gs);
-    acc_t* gtbuf = scratch->as<acc_t>(scratch->gt);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * V;
-      const int64_t y = a.target != nullptr ? a.target[row] : -1;
-      if (a.target != nullptr && y == a.ignore_index) {  // masked: loss and gradients exactly 0
-        a.row_loss[row] = a.row_soft[row] = a.row_hard[row] = 0.0;
-        if (a.grad_student) {
-          std::memset(static_cast<char*>(a.grad_student) + base * element_size(a.student_dtype), 0,
-                      V * element_size(a.student_dtype));
-        }
-        if (a.grad_teacher) {
-          std::memset(static_cast<char*>(a.grad_teacher) + base * element_size(a.teacher_dtype), 0,
-                      V * element_size(a.teacher_dtype));
-        }
-        continue;
-      }
-
-      RowStats<double> st;
-      for (int64_t off = 0; off < V; off += kBlock) {
-        const int64_t n = std::min(kBlock, V - off);
-        const acc_t* s = load_block<acc_t>(a.student, a.student_dtype, base + off, n, sbuf);
-        const acc_t* t = kSoft ? load_block<acc_t>(a.teacher, a.teacher_dtype, base + off, n, tbuf) : nullptr;
-        accumulate_block<acc_t, kSoft, kHard, kUnitT>(st, s, t, n, a.params.inv_temperature);
-      }
-      const double s_target = kHard ? load_one<acc_t>(a.student, a.student_dtype, base + y) : 0.0;
-      const bool want_grad = a.grad_student != nullptr || want_teacher;
-      RowCoeffs<double> coeffs{};
-      const RowLoss<double> loss =
-          finalize<double>(st, s_target, a.params, a.grad_scale, want_grad ? &coeffs : nullptr);
-      a.row_loss[row] = loss.loss;
-      a.row_soft[row] = loss.soft;
-      a.row_hard[row] = loss.hard;
-      if (!want_grad) continue;
-
-      const RowCoeffs<acc_t> c = narrow<acc_t>(coeffs);
-      for (int64_t off = 0; off < V; off += kBlock) {
-        const int64_t n = std::min(kBlock, V - off);
-        const acc_t* s = load_block<acc_t>(a.student, a.student_dtype, base + off, n, sbuf);
-        const acc_t* t = kSoft ? load_block<acc_t>(a.teacher, a.teacher_dtype, base + off, n, tbuf) : nullptr;
-        acc_t* gs = a.grad_student ? grad_target<acc_t>(a.grad_student, a.student_dtype, base + off, gsbuf)
-                                   : gsbuf;  // teacher gradient alone: the student's is scratch
-        if (want_teacher) {
-          acc_t* gt = grad_target<acc_t>(a.grad_teacher, a.teacher_dtype, base + off, gtbuf);
-          if constexpr (kSoft) gradient_block<acc_t, kSoft, kHard, kUnitT, true>(s, t, n, c, gs, gt);
-          store_block<acc_t>(a.grad_teacher, a.teacher_dtype, base + off, n, gt);
-        } else {
-          gradient_block<acc_t, kSoft, kHard, kUnitT, false>(s, t, n, c, gs, nullptr);
-        }
-        if (a.grad_student == nullptr) continue;
-        if (kHard && y >= off && y < off + n) gs[y - off] -= c.target_coef;
-        store_block<acc_t>(a.grad_student, a.student_dtype, base + off, n, gs);
-      }
-    }
+    RowWorker<acc_t, kSoft, kHard, kPowT> worker(a, *scratch);
+    for (int64_t row = begin; row < end; ++row) worker.run(row);
   });
+}
+
+template <class acc_t, bool kHard>
+void run_rows_for_temperature(const RowsArgs& a) {
+  switch (a.params.integer_temperature) {
+    case 1: return run_rows<acc_t, true, kHard, 1>(a);
+    case 2: return run_rows<acc_t, true, kHard, 2>(a);
+    case 4: return run_rows<acc_t, true, kHard, 4>(a);
+    default: return run_rows<acc_t, true, kHard, 0>(a);
+  }
 }
 
 template <class acc_t>
 void run_rows_for_flags(const RowsArgs& a) {
-  const LossParams& p = a.params;
-  if (p.has_soft && p.has_hard) {
-    p.unit_temperature ? run_rows<acc_t, true, true, true>(a) : run_rows<acc_t, true, true, false>(a);
-  } else if (p.has_soft) {
-    p.unit_temperature ? run_rows<acc_t, true, false, true>(a) : run_rows<acc_t, true, false, false>(a);
+  // The KL term is always computed (LossParams::has_soft); the hard term when there is a target.
+  if (a.params.has_hard) {
+    run_rows_for_temperature<acc_t, true>(a);
   } else {
-    // Hard term only: the b-stream is not needed, so kUnitT is off.
-    run_rows<acc_t, false, true, false>(a);
+    run_rows_for_temperature<acc_t, false>(a);
   }
 }
 

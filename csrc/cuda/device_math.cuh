@@ -37,15 +37,18 @@ struct DevMath<float> {
     return y;
   }
   static __device__ __forceinline__ float zero_where_zero(float p, float x) { return p == 0.f ? 0.f : x; }
+  static __device__ __forceinline__ float expm1(float x) { return expm1f(x); }  // KL refinement rows only
 };
 
 // fp64 (gradcheck, tests): the accurate library exp2, out of line so the unrolled loops stay small
 // and the file compiles in reasonable time.
 __device__ __noinline__ inline double exp2_f64(double x) { return ::exp2(x); }
+__device__ __noinline__ inline double expm1_f64(double x) { return ::expm1(x); }
 
 template <>
 struct DevMath<double> {
   static __device__ __forceinline__ double exp2(double x) { return exp2_f64(x); }
+  static __device__ __forceinline__ double expm1(double x) { return expm1_f64(x); }
   static __device__ __forceinline__ double zero_where_zero(double p, double x) { return p == 0.0 ? 0.0 : x; }
 };
 

@@ -82,19 +82,21 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
   const PreparedCall call =
       prepare_call(student, teacher, target, temperature, alpha, ignore_index, label_smoothing,
                    scale_by_temperature_squared, reduction, batch_size, student_grad, teacher_grad);
+  // The kernels compute the soft term always (prepare_call sets has_soft: both terms are reported
+  // even at weight 0) and the hard term when there is a target.
+  TORCH_INTERNAL_ASSERT(call.params.has_soft, "fastkd CUDA kernels expect the soft term to be computed");
   const c10::cuda::CUDAGuard guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool soft = call.params.has_soft;
 
   // A mixed pair runs in the wider type, as on the CPU: float64 if either is, else float32.
   at::ScalarType compute = student.scalar_type();
   if (call.float64) {
     compute = at::kDouble;
-  } else if (soft && teacher.scalar_type() != student.scalar_type()) {
+  } else if (teacher.scalar_type() != student.scalar_type()) {
     compute = at::kFloat;
   }
   const at::Tensor s = student.to(compute).contiguous();
-  const at::Tensor t = soft ? teacher.to(compute).contiguous() : teacher;  // alpha == 0: never read
+  const at::Tensor t = teacher.to(compute).contiguous();
   at::Tensor y;
   if (target.has_value()) y = target->to(at::kLong).contiguous();
 
@@ -103,7 +105,7 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
   at::Tensor grad_s = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, student.options());
   at::Tensor grad_t;
   if (teacher_grad) {
-    grad_t = soft ? at::empty(t.sizes(), t.options()) : at::zeros(teacher.sizes(), teacher.options());
+    grad_t = at::empty(t.sizes(), t.options());
   } else {
     grad_t = at::empty({0}, teacher.options());
   }
@@ -134,7 +136,7 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
     DistillLaunch a;
     a.dtype = dtype_of(compute);
     a.student = s.const_data_ptr();
-    a.teacher = soft ? t.const_data_ptr() : nullptr;
+    a.teacher = t.const_data_ptr();
     a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
     a.ignore_index = ignore_index;
     a.rows = rows;
@@ -143,7 +145,7 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
     a.scale_device = scale_dev.defined() ? scale_dev.const_data_ptr<double>() : nullptr;
     a.scale_host = scale_host;
     a.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
-    a.grad_teacher = teacher_grad && soft ? grad_t.data_ptr() : nullptr;
+    a.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
     a.row_loss = row_loss.data_ptr();
     a.row_soft = row_soft.data_ptr();
     a.row_hard = row_hard.data_ptr();

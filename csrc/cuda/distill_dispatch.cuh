@@ -146,18 +146,20 @@ LaunchReport launch_mode(KernelArgs k, const DeviceInfo& dev, cudaStream_t strea
   return {k.warp_per_row ? "stream-warp" : "stream", 0};
 }
 
+// The loss modes compiled: both terms (with the T = 1, 2, 4 shortcuts) or the soft term alone (no
+// target). prepare_call() always computes the soft term (has_soft), so there is no hard-only mode.
 template <class X>
 LaunchReport launch_distill(const DistillLaunch& a, const DeviceInfo& dev, cudaStream_t stream) {
   KernelArgs k;
   k.a = a;
   const LossParams& p = a.params;
-  if (p.has_soft && p.has_hard) {
-    if (p.unit_temperature) return launch_mode<X, true, true, 1>(k, dev, stream);
-    if (p.inv_temperature == 0.5) return launch_mode<X, true, true, 2>(k, dev, stream);
-    return launch_mode<X, true, true, 0>(k, dev, stream);
+  if (!p.has_hard) return launch_mode<X, true, false, 0>(k, dev, stream);
+  switch (p.integer_temperature) {
+    case 1: return launch_mode<X, true, true, 1>(k, dev, stream);
+    case 2: return launch_mode<X, true, true, 2>(k, dev, stream);
+    case 4: return launch_mode<X, true, true, 4>(k, dev, stream);
+    default: return launch_mode<X, true, true, 0>(k, dev, stream);
   }
-  if (p.has_soft) return launch_mode<X, true, false, 0>(k, dev, stream);
-  return launch_mode<X, false, true, 0>(k, dev, stream);
 }
 
 }  // namespace fastkd::cuda

@@ -47,9 +47,12 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
   using M = DevMath<acc_t>;
   constexpr int N = kVecElems<X>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ acc_t red_max[kMaxWarps * 2];
+  __shared__ acc_t red_max[kMaxWarps * 3];  // maxima of t and s, then of d
   __shared__ acc_t red_sum[kMaxWarps * 5];
-  __shared__ acc_t xchg[8];  // this CTA's maxima [0, 2) and sums [2, 7), read by the rest of its cluster
+  __shared__ double red_refine[kMaxWarps];
+  // This CTA's part of the row, read by the rest of its cluster: maxima [0, 2), sums [2, 7), max_d [7].
+  __shared__ acc_t xchg[8];
+  __shared__ double xchg_refine;
 
   const DistillLaunch& a = k.a;
   const int cl = k.cluster;
@@ -115,11 +118,14 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
     for (int i = 0; i < N; ++i) exp2_accumulate<M, kSoft, kHard, kTMode>(part, s[i], kSoft ? t[i] : acc_t(0), sh);
   }
   acc_t sums[5] = {part.sum_t, part.w, part.sum_b, part.sum_1, part.sum_s};
+  acc_t max_d[1] = {part.max_d};
   block_combine<false, 5>(sums, red_sum);
+  block_combine<true, 1>(max_d, red_max + 2 * kMaxWarps);
   if (cl > 1) {
     if (tid == 0) {
 #pragma unroll
       for (int i = 0; i < 5; ++i) xchg[2 + i] = sums[i];
+      xchg[7] = max_d[0];
     }
     cluster_arrive();
     cluster_wait();
@@ -128,8 +134,9 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
     for (int r = 0; r < cl; ++r) {  // rank order: every CTA gets the same bits
 #pragma unroll
       for (int i = 0; i < 5; ++i) sums[i] += peer_load(xchg, r, 2 + i);
+      max_d[0] = dmax(max_d[0], peer_load(xchg, r, 7));
     }
-    cluster_arrive();  // done reading the peers' shared memory; waited for before exiting
+    cluster_arrive();  // done reading the peers' shared memory; waited for below
   }
   Exp2Sums<acc_t> x;
   x.sum_t = sums[0];
@@ -137,12 +144,16 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
   x.sum_b = sums[2];
   x.sum_1 = sums[3];
   x.sum_s = sums[4];
-  const Exp2Coeffs<acc_t> c = finish_row(a, row, x, mx[1], sh, s_target, rank == 0 && tid == 0);
+  x.max_d = max_d[0];
+  const FinishedRow<acc_t> fin = finish_row(a, row, x, mx[1], sh, s_target, rank == 0 && tid == 0);
+  const Exp2Coeffs<acc_t>& c = fin.c;
+  const bool refine = kSoft && c.refine;  // the same in every CTA of the cluster
+  acc_t refine_sum = 0;
 
   // ---- pass 3: the gradient of the slice, from shared memory
   X* gs_row = a.grad_student != nullptr ? static_cast<X*>(a.grad_student) + row * V + lo : nullptr;
   X* gt_row = kSoft && a.grad_teacher != nullptr ? static_cast<X*>(a.grad_teacher) + row * V + lo : nullptr;
-  if (gs_row != nullptr || gt_row != nullptr) {
+  if (gs_row != nullptr || gt_row != nullptr || refine) {
 #pragma unroll 2
     for (int64_t ch = tid; ch < nch; ch += nthreads) {
       acc_t s[N], t[N], gs[N], gt[N];
@@ -157,10 +168,30 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
       if (gs_row != nullptr) store_chunk<X, N>(gs_row + ch * N, gs);
       if constexpr (kSoft) {
         if (gt_row != nullptr) store_chunk<X, N>(gt_row + ch * N, gt);
+        if (refine) refine_sum += refine_chunk<N>(s, t, c);
       }
     }
   }
-  if (cl > 1) cluster_wait();
+  if (!refine) {
+    if (cl > 1) cluster_wait();
+    return;
+  }
+  // ---- the KL refinement (large T): one more exchange, rank 0 writes the row's terms
+  double r[1] = {double(refine_sum)};
+  block_combine<false, 1>(r, red_refine);
+  if (cl > 1) {
+    if (tid == 0) xchg_refine = r[0];
+    cluster_wait();  // pairs with the arrive after the sums
+    cluster_arrive();
+    cluster_wait();  // every CTA's part is written
+    if (rank == 0) {
+      r[0] = 0;
+      for (int q = 0; q < cl; ++q) r[0] += peer_load(&xchg_refine, q, 0);
+    }
+    cluster_arrive();
+    cluster_wait();  // rank 0 has read them: the others may exit
+  }
+  if (rank == 0 && tid == 0) write_refined_row<acc_t>(a, row, fin.loss, r[0]);
 }
 
 }  // namespace fastkd::cuda

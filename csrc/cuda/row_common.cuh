@@ -62,18 +62,41 @@ __device__ void zero_row_grads(const KernelArgs& k, int64_t row, int64_t lo, int
   }
 }
 
-// Turns a row's merged frame sums into its loss (written by `writer`) and gradient coefficients.
-// finalize() runs in fp64 (a few dozen operations per row), as on the CPU.
 template <class acc_t>
-__device__ __forceinline__ Exp2Coeffs<acc_t> finish_row(const DistillLaunch& a, int64_t row,
-                                                        const Exp2Sums<acc_t>& x, acc_t max_s,
-                                                        const Exp2Shifts<acc_t>& sh, acc_t s_target, bool writer) {
+struct FinishedRow {
+  Exp2Coeffs<acc_t> c;
+  RowLoss<double> loss;
+};
+
+// Turns a row's merged frame sums into its terms and gradient coefficients; `writer` writes the terms
+// now unless the KL refinement is due (then write_refined_row() after the gradient pass). finalize()
+// runs in fp64 (a few dozen operations per row), as on the CPU.
+template <class acc_t>
+__device__ __forceinline__ FinishedRow<acc_t> finish_row(const DistillLaunch& a, int64_t row, const Exp2Sums<acc_t>& x,
+                                                         acc_t max_s, const Exp2Shifts<acc_t>& sh, acc_t s_target,
+                                                         bool writer) {
   const RowStats<double> st = exp2_row_stats<double>(x, max_s, sh);
   const double scale = a.scale_device != nullptr ? *a.scale_device : a.scale_host;
   RowCoeffs<double> c;
   const RowLoss<double> l = finalize<double>(st, double(s_target), a.params, scale, &c);
-  if (writer) write_row<acc_t>(a, row, acc_t(l.loss), acc_t(l.soft), acc_t(l.hard));
-  return exp2_coeffs<acc_t>(x, sh, c, a.params);
+  const Exp2Coeffs<acc_t> e = exp2_coeffs<acc_t>(x, sh, c, a.params);
+  if (writer && !e.refine) write_row<acc_t>(a, row, acc_t(l.loss), acc_t(l.soft), acc_t(l.hard));
+  return {e, l};
+}
+
+// The row's terms once the refinement sum R is complete.
+template <class acc_t>
+__device__ __forceinline__ void write_refined_row(const DistillLaunch& a, int64_t row, RowLoss<double> l, double r) {
+  refine_soft(l, r, a.params);
+  write_row<acc_t>(a, row, acc_t(l.loss), acc_t(l.soft), acc_t(l.hard));
+}
+
+template <int N, class acc_t>
+__device__ __forceinline__ acc_t refine_chunk(const acc_t (&s)[N], const acc_t (&t)[N], const Exp2Coeffs<acc_t>& c) {
+  acc_t r = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r += exp2_refinement_term<DevMath<acc_t>>(s[i], t[i], c);
+  return r;
 }
 
 // Gradients of one chunk of N elements starting at column j0 (y: the row's target or -1).

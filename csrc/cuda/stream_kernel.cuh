@@ -26,7 +26,7 @@ constexpr int steps_unroll() {
 
 template <class X, bool kSoft, bool kHard, int kTMode, int N>
 __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int lane, int lanes,
-                                           acc_of<X>* red_max, acc_of<X>* red_sum) {
+                                           acc_of<X>* red_max, acc_of<X>* red_sum, double* red_refine) {
   using acc_t = acc_of<X>;
   using M = DevMath<acc_t>;
   constexpr int U = steps_unroll<N>();
@@ -98,11 +98,16 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
   const Exp2Shifts<acc_t> sh = exp2_shifts<kTMode>(mx[0], mx[1], a.params);
   exp2_move<M>(o.x, o.max_t, o.max_s, o.sh, sh);
   acc_t sums[5] = {o.x.sum_t, o.x.w, o.x.sum_b, o.x.sum_1, o.x.sum_s};
+  acc_t max_d = o.x.max_d;
   if (k.warp_per_row) {
 #pragma unroll
     for (int i = 0; i < 5; ++i) sums[i] = warp_sum(sums[i]);
+    max_d = warp_max(max_d);
   } else {
     block_combine<false, 5>(sums, red_sum);
+    acc_t md[1] = {max_d};
+    block_combine<true, 1>(md, red_max + 2 * kMaxWarps);  // its own scratch: no barrier needed
+    max_d = md[0];
   }
   Exp2Sums<acc_t> x;
   x.sum_t = sums[0];
@@ -110,12 +115,16 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
   x.sum_b = sums[2];
   x.sum_1 = sums[3];
   x.sum_s = sums[4];
-  const Exp2Coeffs<acc_t> c = finish_row(a, row, x, mx[1], sh, s_target, lane == 0);
+  x.max_d = max_d;
+  const FinishedRow<acc_t> fin = finish_row(a, row, x, mx[1], sh, s_target, lane == 0);
+  const Exp2Coeffs<acc_t>& c = fin.c;
 
-  // ---- pass 2: the gradient, last chunks first
+  // ---- pass 2: the gradient (and the KL refinement sum), last chunks first
   X* gs_row = a.grad_student != nullptr ? static_cast<X*>(a.grad_student) + row * V : nullptr;
   X* gt_row = kSoft && a.grad_teacher != nullptr ? static_cast<X*>(a.grad_teacher) + row * V : nullptr;
-  if (gs_row == nullptr && gt_row == nullptr) return;
+  const bool refine = kSoft && c.refine;  // the same for every thread of the row
+  if (gs_row == nullptr && gt_row == nullptr && !refine) return;
+  acc_t refine_sum = 0;
   const int64_t my_steps = lane < nchunks ? (nchunks - 1 - lane) / stride + 1 : 0;
   for (int64_t it = my_steps - 1; it >= 0; --it) {
     const int64_t base = lane + it * stride;
@@ -141,17 +150,28 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
         if (gs_row != nullptr) store_chunk<X, N>(gs_row + ch * N, gs);
         if constexpr (kSoft) {
           if (gt_row != nullptr) store_chunk<X, N>(gt_row + ch * N, gt);
+          if (refine) refine_sum += refine_chunk<N>(s[u], t[u], c);
         }
       }
     }
+  }
+  if (refine) {
+    double r[1] = {double(refine_sum)};
+    if (k.warp_per_row) {
+      r[0] = warp_sum(r[0]);
+    } else {
+      block_combine<false, 1>(r, red_refine);
+    }
+    if (lane == 0) write_refined_row<acc_t>(a, row, fin.loss, r[0]);
   }
 }
 
 template <class X, bool kSoft, bool kHard, int kTMode>
 __global__ void __launch_bounds__(kThreads, 2) stream_kernel(const KernelArgs k) {
   using acc_t = acc_of<X>;
-  __shared__ acc_t red_max[kMaxWarps * 2];
+  __shared__ acc_t red_max[kMaxWarps * 3];  // maxima of t and s, then of d
   __shared__ acc_t red_sum[kMaxWarps * 5];
+  __shared__ double red_refine[kMaxWarps];
   int lane, lanes;
   int64_t row;
   if (k.warp_per_row) {
@@ -165,9 +185,9 @@ __global__ void __launch_bounds__(kThreads, 2) stream_kernel(const KernelArgs k)
     row = blockIdx.x;
   }
   if (k.vec) {
-    stream_row<X, kSoft, kHard, kTMode, kVecElems<X>>(k, row, lane, lanes, red_max, red_sum);
+    stream_row<X, kSoft, kHard, kTMode, kVecElems<X>>(k, row, lane, lanes, red_max, red_sum, red_refine);
   } else {
-    stream_row<X, kSoft, kHard, kTMode, 1>(k, row, lane, lanes, red_max, red_sum);
+    stream_row<X, kSoft, kHard, kTMode, 1>(k, row, lane, lanes, red_max, red_sum, red_refine);
   }
 }
 

@@ -1,0 +1,6 @@
+"""``python -m fastkd.bench``."""
+import sys
+
+from fastkd.bench.cli import main
+
+sys.exit(main())

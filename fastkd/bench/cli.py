@@ -1,0 +1,130 @@
+"""``main``: parse options, run every case, print the table, write JSON, markdown and the plot."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastkd.bench import memory, report
+from fastkd.bench.config import Options, parse_options
+from fastkd.bench.contenders import FASTKD
+from fastkd.bench.machine import copy_bandwidth_gbps, environment, machine_name
+from fastkd.bench.runner import run_case
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def method_notes(opts: Options, peak_source: str) -> list[str]:
+    """How the numbers were measured, for the printout and the results files."""
+    timer = ("time.perf_counter around forward and around backward" if opts.device == "cpu" else
+             "torch.cuda.Event records around forward and backward, one torch.cuda.synchronize after "
+             "the step (none inside it); a 512 MiB buffer is written before each step so L2 starts cold")
+    mem = (memory.cpu_method() if opts.device == "cpu" else
+           "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before")
+    notes = [
+        f"inputs: student N x V (requires grad), teacher N x V (no grad), int64 targets with "
+        f"{opts.ignore_frac:.0%} of rows = -100; T={opts.temperature:g}, alpha={opts.alpha:g}, "
+        "reduction mean; the same tensors for every implementation",
+        "a step: student.grad = None (as zero_grad), loss = f(student, teacher, target) [forward], "
+        f"loss.backward() [backward]; timed with {timer}",
+        f"warm-up: {opts.warmup} untimed step(s) per implementation per case; torch.compile compiles "
+        "during the first (its wall time is first_call_s in the JSON), so compilation is excluded; "
+        "dynamo is reset per case so each case gets a graph specialized to its shape",
+        f"{opts.repeats} timed rounds; each round runs every implementation once, in an order rotated "
+        "per round, so load from elsewhere hits all alike; medians reported (raw samples in the JSON)",
+        "fastkd computes the gradient during its forward and its backward only scales it: compare "
+        "forward+backward",
+        "speed-up = peer median forward+backward time / fastkd's",
+        f"peak extra memory of one step (gradient in .grad included), beyond what is held before: {mem}; "
+        "also as multiples of one N x V fp32 tensor",
+        "GB/s = (read student + read teacher + write student gradient, in the logits' dtype) / median "
+        f"forward+backward time; % peak against {peak_source}",
+        "check: loss and student gradient against reference eager on the same inputs (relative error; "
+        "gradient: max |difference| / max |eager gradient|)",
+    ]
+    if opts.liger:
+        notes.append("Liger-Kernel as a user writes it: alpha * T^2 * LigerKLDIVLoss(batchmean, log_target)"
+                     "(log_softmax(s/T), log_softmax(t/T)) + (1 - alpha) * LigerCrossEntropyLoss(s, y); "
+                     "its KL term covers ignored rows too and divides by N, so it is timed, not checked")
+    return notes
+
+
+def _exit_code(cases: list[dict]) -> int:
+    """1 when fastkd itself failed or disagreed with eager on any case, else 0."""
+    for c in cases:
+        rec = c["contenders"].get(FASTKD, {})
+        if c.get("error") or rec.get("error") or (rec.get("check") or {}).get("ok") is False:
+            return 1
+    return 0
+
+
+def _save(opts: Options, doc: dict) -> None:
+    out = Path(opts.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / doc["machine"]
+    report.write_json(base.with_suffix(".json"), doc)
+    report.write_markdown(base.with_suffix(".md"), doc)
+    written = [base.with_suffix(".json"), base.with_suffix(".md")]
+    try:
+        from fastkd.bench.plot import write_plot
+
+        if write_plot(base.with_suffix(".png"), doc):
+            written.append(base.with_suffix(".png"))
+    except ImportError as e:
+        _log(f"no plot: matplotlib is not importable ({e})")
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (``fastkd bench --help`` lists the options). Returns 0, 1 when fastkd failed
+    or disagreed with the reference on some case, or argparse's code on bad options."""
+    try:
+        opts = parse_options(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    machine = opts.machine or machine_name(opts.device)
+    env = environment(opts.device, opts.argv)
+    if opts.peak_gbps is None:
+        opts.peak_gbps = copy_bandwidth_gbps()
+        peak_source = f"{opts.peak_gbps:.1f} GB/s, this machine's measured copy bandwidth (256 MiB tensor copy)"
+    else:
+        peak_source = f"{opts.peak_gbps:g} GB/s" + (" (H200 HBM3e)" if opts.device == "cuda" else "")
+    notes: list[str] = []
+    print(f"fastkd bench on {machine}: torch {env['torch']}, {env['cpu_model']} x{env['cpu_cores']}"
+          + (f", {env['gpu_name']}" if opts.device == "cuda" else "") + f"; {len(opts.cases)} case(s)",
+          flush=True)
+    cases = []
+    t_start = time.perf_counter()
+    for i, case in enumerate(opts.cases, 1):
+        _log(f"[{i}/{len(opts.cases)}] {case.n}x{case.v} {case.dtype} ...")
+        record, case_notes = run_case(case, opts, _log)
+        notes += [n for n in case_notes if n not in notes]
+        cases.append(record)
+        for line in report.headline([record]):
+            _log("    " + line)
+    if hasattr(os, "getloadavg"):
+        env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    env["wall_s"] = round(time.perf_counter() - t_start, 1)
+    method = method_notes(opts, peak_source)
+    print()
+    print(report.text_table(cases))
+    print()
+    for line in report.headline(cases):
+        print(line)
+    print("\nmethod:\n" + "\n".join(f"  - {m}" for m in method))
+    if notes:
+        print("notes:\n" + "\n".join(f"  - {n}" for n in notes))
+    if opts.save:
+        config = {k: v for k, v in vars(opts).items() if k not in ("cases", "argv")}
+        config["peak_gbps"] = round(opts.peak_gbps, 2)
+        config["peak_gbps_source"] = peak_source
+        doc = {"schema": 1, "machine": machine, "environment": env, "config": config, "method": method,
+               "notes": notes, "cases": cases}
+        _save(opts, doc)
+    torch.cuda.empty_cache() if opts.device == "cuda" else None
+    return _exit_code(cases)

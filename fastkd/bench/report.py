@@ -1,0 +1,120 @@
+"""The results as a text table (stdout), a markdown file and a JSON file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastkd.bench.contenders import EAGER, FASTKD
+
+COLUMNS = ("N x V", "dtype", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "fastkd speed-up",
+           "peak extra MiB", "x NV fp32", "GB/s", "% peak", "check")
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _check_cell(name: str, rec: dict) -> str:
+    """Errors, or the agreement of loss and gradient with eager's (relative errors)."""
+    chk = rec.get("check") or {}
+    if rec.get("error"):
+        return rec["error"]
+    if name == EAGER:
+        return "base of the check"
+    if rec.get("exact") is False:
+        return "n/a (other semantics)"
+    if "grad_rel_err" in chk:
+        word = "ok" if chk["ok"] else "MISMATCH"
+        return f"{word} (loss {chk['loss_rel_err']:.0e}, grad {chk['grad_rel_err']:.0e})"
+    return "-"
+
+
+def case_rows(case: dict) -> list[list[str]]:
+    """One row per contender of a case record (see runner.run_case)."""
+    if case.get("error"):
+        return [[f"{case['n']}x{case['v']}", case["dtype"], "-", *["-"] * 8, case["error"]]]
+    rows = []
+    for name, rec in case["contenders"].items():
+        med = rec.get("median_ms") or {}
+        sp = case.get("speedup", {}).get(name, {}).get("fwd_bwd")
+        speed = "1.00x (base)" if name == FASTKD and med else (f"{sp:.2f}x" if sp else "-")
+        frac = rec.get("roofline_frac")
+        check = _check_cell(name, rec)
+        rows.append([
+            f"{case['n']}x{case['v']}", case["dtype"], rec["label"],
+            _f(med.get("fwd"), ".1f"), _f(med.get("bwd"), ".1f"), _f(med.get("fwd_bwd"), ".1f"), speed,
+            _f(rec.get("peak_extra_mib"), ".0f"), _f(rec.get("peak_extra_nv_fp32"), ".2f"),
+            _f(rec.get("gbps"), ".1f"), _f(None if frac is None else 100 * frac, ".0f"), check,
+        ])
+    return rows
+
+
+def text_table(cases: list[dict]) -> str:
+    """Fixed-width table of every case, a blank line between cases."""
+    blocks = [[list(COLUMNS)]] + [case_rows(c) for c in cases]
+    widths = [max(len(r[i]) for b in blocks for r in b) for i in range(len(COLUMNS))]
+    lines = []
+    for bi, block in enumerate(blocks):
+        if bi > 1:
+            lines.append("")
+        for r in block:
+            lines.append("  ".join(x.rjust(w) if 3 <= i <= 10 else x.ljust(w)
+                                   for i, (x, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        if bi == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(cases: list[dict]) -> str:
+    """The same table in markdown."""
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(r) + " |" for c in cases for r in case_rows(c)]
+    return "\n".join(out)
+
+
+def headline(cases: list[dict]) -> list[str]:
+    """One line per case: fastkd forward+backward and its speed-up over each peer."""
+    lines = []
+    for c in cases:
+        fk = c["contenders"].get(FASTKD, {}).get("median_ms")
+        if not fk:
+            continue
+        peers = ", ".join(f"{c['contenders'][p]['label']} {s['fwd_bwd']:.2f}x"
+                          for p, s in c.get("speedup", {}).items())
+        lines.append(f"{c['n']}x{c['v']} {c['dtype']}: fastkd fwd+bwd {fk['fwd_bwd']:.1f} ms; "
+                     f"speed-up over {peers or 'no peer'}")
+    return lines
+
+
+def write_markdown(path: Path, doc: dict) -> None:
+    """``<machine>.md``: environment, method, the table."""
+    env = doc["environment"]
+    lines = [
+        f"# fastkd loss benchmark: {doc['machine']}",
+        "",
+        f"- date: {env['date']}; command: `{env['command']}`",
+        f"- torch {env['torch']}, fastkd {env['fastkd']} (git {env.get('fastkd_git_commit')}), "
+        f"build: `{env['fastkd_build_info']}`",
+        f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores, {env['torch_threads']} torch threads"
+        + (f"; GPU: {env['gpu_name']} ({env['gpu_memory_gib']} GiB)" if env.get("gpu_name") else ""),
+        f"- load average at start / end: {env.get('load_average_start')} / {env.get('load_average_end')}",
+        f"- config: {doc['config']}",
+        "",
+        "## Method",
+        "",
+        *[f"- {m}" for m in doc["method"]],
+        *([""] + ["## Notes", ""] + [f"- {n}" for n in doc["notes"]] if doc["notes"] else []),
+        "",
+        "## Results (medians; speed-up = peer time / fastkd time, forward+backward)",
+        "",
+        markdown_table(doc["cases"]),
+        "",
+        *[f"- {h}" for h in headline(doc["cases"])],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """``<machine>.json``: every raw sample and the environment."""
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")

@@ -1,0 +1,188 @@
+"""One benchmark case end to end: inputs, warm-up and a correctness check against eager, interleaved
+timed rounds, peak memory, and the derived numbers (medians, speed-ups, bandwidth)."""
+from __future__ import annotations
+
+import gc
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from fastkd.bench.config import Case, Options
+from fastkd.bench.contenders import EAGER, FASTKD, Contender, build_contenders
+from fastkd.bench.inputs import Inputs, make_inputs, traffic_bytes
+from fastkd.bench.memory import peak_extra_bytes
+from fastkd.bench.timing import StepTimer, wall_seconds
+
+MIB = 2**20
+PHASES = ("fwd", "bwd", "fwd_bwd")
+# Relative tolerances of the check against eager. Both compute in fp32 from the same inputs, so the
+# loss agrees closely in every dtype; a bf16/fp16 gradient is rounded to 8/11 mantissa bits.
+LOSS_TOL = 1e-4
+GRAD_TOL = {"fp32": 1e-4, "bf16": 1.6e-2, "fp16": 2e-3}
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _error_text(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+class _CaseInputs:
+    """The shared inputs, plus a private student copy for contenders that overwrite theirs."""
+
+    def __init__(self, x: Inputs, contenders: list[Contender]) -> None:
+        self.shared = x
+        self._own = {
+            c.name: Inputs(x.student.detach().clone().requires_grad_(), x.teacher, x.target)
+            for c in contenders if c.mutates_student
+        }
+
+    def get(self, c: Contender) -> Inputs:
+        """The inputs ``c`` runs on, with the original student values (untimed copy if private)."""
+        own = self._own.get(c.name)
+        if own is None:
+            return self.shared
+        with torch.no_grad():
+            own.student.copy_(self.shared.student)
+        return own
+
+    def drop(self, c: Contender) -> None:
+        self._own.pop(c.name, None)
+
+
+def _check(c: Contender, x: Inputs, case: Case, ref: tuple[float, torch.Tensor] | None) -> dict:
+    """Loss and gradient of ``c`` against eager's, on the same inputs."""
+    x.student.grad = None
+    loss = c.fn(x.student, x.teacher, x.target)
+    loss.backward()
+    out = {"loss": float(loss.detach())}
+    if ref is None or not c.exact:
+        out["ok"] = None  # no eager result, or different semantics (Liger)
+        return out
+    ref_loss, ref_grad = ref
+    g, rg = x.student.grad.float(), ref_grad.float()
+    out["loss_rel_err"] = abs(out["loss"] - ref_loss) / max(abs(ref_loss), 1e-30)
+    out["grad_rel_err"] = float((g - rg).abs().max() / rg.abs().max().clamp(min=1e-30))
+    out["ok"] = bool(out["loss_rel_err"] <= LOSS_TOL and out["grad_rel_err"] <= GRAD_TOL[case.dtype])
+    return out
+
+
+def _prepare(contenders, xs: _CaseInputs, timer, case, opts, results, log) -> list[Contender]:
+    """Warm up (the first call compiles under torch.compile; its wall time is recorded) and check
+    every contender, eager first so the others compare with it; returns those that ran."""
+    ref = None
+    active = set()
+    for c in sorted(contenders, key=lambda c: c.name != EAGER):
+        rec = results[c.name]
+        try:
+            rec["first_call_s"] = wall_seconds(opts.device, timer.step, c.fn, xs.get(c))
+            for _ in range(opts.warmup - 1):
+                timer.step(c.fn, xs.get(c))
+            x = xs.get(c)
+            rec["check"] = _check(c, x, case, ref)
+            if c.name == EAGER:
+                ref = (rec["check"]["loss"], x.student.grad)
+            active.add(c.name)
+        except Exception as e:  # an OOM or a crash: report it, keep benchmarking the others
+            rec["error"] = _error_text(e)
+            log(f"    {c.label}: {rec['error']}")
+            xs.drop(c)
+        xs.get(c).student.grad = None
+        _free(opts.device)
+    del ref
+    _free(opts.device)
+    return [c for c in contenders if c.name in active]  # fastkd first again
+
+
+def _timed_rounds(active: list[Contender], xs: _CaseInputs, timer: StepTimer, repeats: int,
+                  results: dict) -> None:
+    """``repeats`` rounds, each running every contender once in a rotated order, so that slow drifts
+    and bursts of load from elsewhere hit all of them alike."""
+    gc_was_on = gc.isenabled()
+    gc.disable()  # a collection inside a timed step would be charged to whoever triggers it
+    active = list(active)
+    try:
+        for r in range(repeats):
+            k = r % len(active) if active else 0
+            for c in active[k:] + active[:k]:
+                x = xs.get(c)
+                rec = results[c.name]
+                try:
+                    fwd, bwd = timer.step(c.fn, x)
+                except Exception as e:  # e.g. memory fragmentation late in the run: drop this one
+                    rec["error"] = _error_text(e)
+                    active.remove(c)
+                    continue
+                finally:
+                    x.student.grad = None
+                rec["fwd_ms"].append(fwd)
+                rec["bwd_ms"].append(bwd)
+                rec["fwd_bwd_ms"].append(fwd + bwd)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _derive(case: Case, results: dict, peak_gbps: float | None) -> dict:
+    """Medians, memory in MiB and in N x V fp32 tensors, bandwidth, and fastkd's speed-ups."""
+    nv_fp32 = case.n * case.v * 4
+    traffic = traffic_bytes(case)
+    for rec in results.values():
+        if rec["fwd_bwd_ms"]:
+            rec["median_ms"] = {p: statistics.median(rec[f"{p}_ms"]) for p in PHASES}
+            rec["min_ms"] = {p: min(rec[f"{p}_ms"]) for p in PHASES}
+            rec["gbps"] = traffic / (rec["median_ms"]["fwd_bwd"] * 1e-3) / 1e9
+            rec["roofline_frac"] = rec["gbps"] / peak_gbps if peak_gbps else None
+        if rec.get("peak_extra_bytes") is not None:
+            rec["peak_extra_mib"] = rec["peak_extra_bytes"] / MIB
+            rec["peak_extra_nv_fp32"] = rec["peak_extra_bytes"] / nv_fp32
+    speedup = {}
+    base = results.get(FASTKD, {}).get("median_ms")
+    for name, rec in results.items():
+        if name != FASTKD and base and rec.get("median_ms"):
+            speedup[name] = {p: rec["median_ms"][p] / base[p] for p in PHASES}
+    return {"nv_fp32_bytes": nv_fp32, "traffic_bytes": traffic, "speedup": speedup}
+
+
+def run_case(case: Case, opts: Options, log: Callable[[str], None]) -> tuple[dict, list[str]]:
+    """Benchmark every contender on ``case``; returns the case record and notes (skipped peers)."""
+    contenders, notes = build_contenders(opts.device, opts.temperature, opts.alpha, opts.compile, opts.liger)
+    results = {
+        c.name: {"label": c.label, "exact": c.exact, "error": None, "fwd_ms": [], "bwd_ms": [],
+                 "fwd_bwd_ms": [], "peak_extra_bytes": None}
+        for c in contenders
+    }
+    record = {"n": case.n, "v": case.v, "dtype": case.dtype, "grid": case.grid, "sweep": case.sweep,
+              "contenders": results}
+    try:
+        xs = _CaseInputs(make_inputs(case, opts.device, opts.ignore_frac, opts.seed), contenders)
+    except Exception as e:
+        record["error"] = f"inputs: {_error_text(e)}"
+        log(f"    {record['error']}")
+        _free(opts.device)
+        return record, notes
+    timer = StepTimer(opts.device)
+    try:
+        active = _prepare(contenders, xs, timer, case, opts, results, log)
+        _timed_rounds(active, xs, timer, opts.repeats, results)
+        timer.close()  # the memory steps run with nothing else held
+        for c in active:
+            if results[c.name]["error"]:
+                continue
+            try:
+                results[c.name]["peak_extra_bytes"] = peak_extra_bytes(c.fn, xs.get(c), opts.device)
+            except Exception as e:
+                results[c.name]["memory_error"] = _error_text(e)
+            _free(opts.device)
+    finally:
+        timer.close()
+        del xs
+        _free(opts.device)
+    record.update(_derive(case, results, opts.peak_gbps))
+    return record, notes

@@ -1,0 +1,79 @@
+"""The benchmark runs end to end on a small shape and reports fastkd against the reference."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastkd.bench import main
+from fastkd.bench.config import QUICK_SHAPE, make_cases, parse_shapes
+
+
+def test_quick_benchmark_runs_and_reports(capsys):
+    rc = main(["--quick", "--no-save", "--no-compile", "--device", "cpu", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fastkd" in out and "reference eager" in out
+    assert f"{QUICK_SHAPE[0]}x{QUICK_SHAPE[1]}" in out
+    assert "MISMATCH" not in out
+
+
+def test_results_files_are_written(tmp_path):
+    rc = main(["--device", "cpu", "--shapes", "64x1000", "--dtypes", "bf16", "--repeats", "1",
+               "--no-compile", "--results-dir", str(tmp_path), "--machine", "unit", "--peak-gbps", "10"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "unit.json").read_text())
+    (case,) = doc["cases"]
+    fk = case["contenders"]["fastkd"]
+    assert fk["check"]["ok"] is True
+    assert len(fk["fwd_bwd_ms"]) == 1 and fk["peak_extra_bytes"] is not None
+    assert "eager" in case["speedup"]
+    assert doc["environment"]["fastkd_build_info"]
+    assert (tmp_path / "unit.md").read_text().count("| 64x1000 |") == 2
+    assert (tmp_path / "unit.png").stat().st_size > 0
+
+
+def test_cases_and_bad_options():
+    assert parse_shapes("4096x32000, 16x8") == [(4096, 32000), (16, 8)]
+    cpu = make_cases("cpu", None, None, None, quick=False)
+    assert {(c.n, c.v) for c in cpu} == {(4096, 32000), (1024, 128256), (16384, 1000)}
+    assert {c.dtype for c in cpu} == {"fp32", "bf16"} and not any(c.sweep for c in cpu)
+    cuda = make_cases("cuda", None, None, None, quick=False)
+    headline = [c for c in cuda if (c.n, c.v, c.dtype) == (8192, 128256, "bf16")]
+    assert len(headline) == 1 and headline[0].grid and headline[0].sweep
+    assert max(c.n for c in cuda if c.sweep) == 32768
+    assert main(["--shapes", "4096by32000"]) == 2
+
+
+@pytest.mark.parametrize("argv", [["--dtypes", "fp8"], ["--repeats", "0"]])
+def test_bad_options_exit_2(argv):
+    assert main(argv) == 2
+
+
+def test_a_peer_that_overwrites_its_input_runs_on_a_private_copy(monkeypatch, tmp_path):
+    """Liger's cross-entropy stores its gradient in the logits; the others must not see that."""
+    from fastkd.bench import runner
+    from fastkd.bench.contenders import Contender
+
+    real = runner.build_contenders
+
+    def with_vandal(*args, **kwargs):
+        out, notes = real(*args, **kwargs)
+
+        def vandal(s, t, y):
+            loss = s.sum() * 0.0
+            s.data.fill_(float("nan"))  # behind autograd's back, as Liger's kernel does
+            return loss
+
+        # Placed first, it runs before fastkd in the warm-up, so fastkd's check would see the damage.
+        out.insert(0, Contender("vandal", "overwrites its input", vandal, exact=False, mutates_student=True))
+        return out, notes
+
+    monkeypatch.setattr(runner, "build_contenders", with_vandal)
+    rc = main(["--device", "cpu", "--shapes", "32x500", "--dtypes", "fp32", "--repeats", "3",
+               "--no-compile", "--results-dir", str(tmp_path), "--machine", "unit", "--peak-gbps", "10"])
+    assert rc == 0
+    (case,) = json.loads((tmp_path / "unit.json").read_text())["cases"]
+    assert case["contenders"]["fastkd"]["check"]["ok"] is True
+    assert len(case["contenders"]["vandal"]["fwd_bwd_ms"]) == 3
+    assert case["contenders"]["vandal"]["check"]["ok"] is None
