@@ -85,7 +85,7 @@ cmake --version | head -n 1 || echo "cmake: not found"
 compute-sanitizer --version | head -n 2 || echo "compute-sanitizer: not found"
 git log --oneline -1 2>/dev/null || true
 
-HAS_GPU=0
+HAS_GPU=${GPU_CHECK_FORCE:-0}  # GPU_CHECK_FORCE=1: run the GPU stages anyway (dry runs of this script)
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && HAS_GPU=1
 
 # Liger-Kernel wheels carried in .whl/ (see the top of this file)
@@ -139,7 +139,7 @@ fi
 echo "== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
 if [[ -f $OUT/tests.log ]]; then
-  echo "  tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -n 1)"
+  echo "  tests: $(grep -E '[0-9]+ (passed|failed|skipped|deselected|error)' "$OUT/tests.log" | tail -n 1)"
 fi
 echo "  files in $OUT:"
 ls -la "$OUT"
