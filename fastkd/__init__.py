@@ -7,9 +7,10 @@ from fastkd import ops as _ops  # noqa: F401  (fake impls and autograd for the o
 from fastkd.functional import distill_loss, has_kernel
 from fastkd.loss import DistillLoss
 from fastkd.terms import DistillTerms
+from fastkd.trainer import Distiller  # tqdm / matplotlib / sklearn load only when used
 
 __version__ = "0.1.0"
-__all__ = ["DistillLoss", "DistillTerms", "build_info", "distill_loss", "has_kernel", "reference"]
+__all__ = ["DistillLoss", "DistillTerms", "Distiller", "build_info", "distill_loss", "has_kernel", "reference"]
 
 
 def build_info() -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -33,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer seeds, epochs and sweep points (well under a minute)")
     demo.add_argument("--seeds", type=_positive_int, default=None,
                       help="seeds for the headline comparison (default: 5, or 3 with --quick)")
-    demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch CPU threads per process (default: torch's choice)")
+    demo.add_argument("--threads", type=_positive_int, default=1,
+                      help="torch CPU threads per process (default: 1; the models are tiny)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     # bench forwards its arguments untouched to fastkd.bench.main (see main()).
     sub.add_parser("bench", help="benchmark the fused loss against plain PyTorch (fastkd bench --help)",
@@ -56,7 +57,7 @@ def _format_info(info: dict) -> str:
 
 def _bench(argv: list[str]) -> int:
     try:
-        from fastkd import bench
+        bench = importlib.import_module("fastkd.bench")  # lazy: only this subcommand needs it
     except ModuleNotFoundError as e:
         if e.name not in ("fastkd.bench", "fastkd"):
             raise
@@ -84,14 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(info, indent=2) if args.json else _format_info(info))
         return 0
     if args.command == "demo":
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)
         from fastkd.demo import run_demo
 
         try:
-            run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
+            run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress,
+                     threads=args.threads)
         finally:
             _shutdown_distributed()
         return 0

@@ -33,6 +33,8 @@ def _setup_context(ctx, inputs, output) -> None:
     reduction = inputs[8]
     _, soft, hard, grad_s, grad_t = output
     ctx.mark_non_differentiable(soft, hard, grad_s, grad_t)
+    # Otherwise autograd would hand backward zero-filled N x V "gradients" of the gradient outputs.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_s, grad_t)
     ctx.reduction = reduction
 
@@ -67,6 +69,8 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, in_pl
 
 def _backward(ctx, grad_loss, _grad_soft, _grad_hard, _grad_gs, _grad_gt):
     grad_s, grad_t = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 12
     in_place = _reuse_saved_gradient_in_place(grad_s)
     d_student = d_teacher = None
     if ctx.needs_input_grad[0] and grad_s.numel() > 0:

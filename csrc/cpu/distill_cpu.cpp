@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/distill_cpu_kernel.h"
+#include "cpu/gradient_allocator.h"
 #include "cpu/cpu_capability.h"
 #include "distill_op.h"
 
@@ -75,15 +76,8 @@ ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& 
   const double scale = reduction_scale(call.reduction, unmasked, call.batch_size);
 
   // Gradients come back in the dtype of the logits they belong to.
-  at::Tensor grad_s = student_grad ? at::empty(s.sizes(), student.options().dtype(s.scalar_type()))
-                                   : at::empty({0}, student.options());
-  at::Tensor grad_t;
-  if (teacher_grad) {
-    auto opts = teacher.options().dtype(t.scalar_type());
-    grad_t = at::empty(t.sizes(), opts);
-  } else {
-    grad_t = at::empty({0}, teacher.options());
-  }
+  at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad ? empty_gradient(t.sizes(), t.scalar_type()) : at::empty({0}, teacher.options());
 
   std::vector<double> row_loss(call.rows), row_soft(call.rows), row_hard(call.rows);
   RowsArgs args;

@@ -20,6 +20,8 @@ from fastkd.demo.models import NoTeacher, make_student, make_teacher
 from fastkd.loss import DistillLoss
 from fastkd.trainer import Distiller, distributed
 
+STUDENT_KINDS = ("scratch", "distilled", "distilled_labelled_only")
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -33,17 +35,17 @@ class DemoConfig:
     alpha: float = 0.9
     n_sweep: tuple[int, ...] = (20, 50, 100, 200, 400)
     t_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
-    teacher_epochs: int = 30
-    student_epochs: int = 60
+    teacher_epochs: int = 20
+    student_epochs: int = 30
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-2
     student_hidden: int = 32
     teacher_hidden: int = 256
 
     @classmethod
     def preset(cls, quick: bool = False, seeds: int | None = None) -> DemoConfig:
         cfg = cls(seeds=3, sweep_seeds=1, n_sweep=(20, 100, 400), t_sweep=(1.0, 4.0, 16.0),
-                  teacher_epochs=20, student_epochs=40) if quick else cls()
+                  teacher_epochs=15, student_epochs=20) if quick else cls()
         if seeds is not None:
             if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
                 raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
@@ -163,10 +165,10 @@ class Experiment:
 
     def planned_runs(self) -> int:
         cfg = self.cfg
-        main = cfg.seeds * 4  # teacher, scratch, distilled, distilled on labels only
+        main = cfg.seeds * (1 + len(STUDENT_KINDS))
         n_extra = len([n for n in cfg.n_sweep if n != cfg.n_labelled])
         t_extra = len([t for t in cfg.t_sweep if t != cfg.temperature])
-        return main + cfg.sweep_seeds * (2 * n_extra + t_extra)
+        return main + cfg.sweep_seeds * (len(STUDENT_KINDS) * n_extra + (len(STUDENT_KINDS) - 1) * t_extra)
 
     def run_all(self) -> list[Run]:
         """Every run of the demo: the headline comparison over ``seeds``, then the sweeps (which reuse
@@ -175,15 +177,12 @@ class Experiment:
         runs: list[Run] = []
         for seed in range(cfg.seeds):
             runs.append(self.teacher(seed))
-            runs.append(self.student("scratch", seed, cfg.n_labelled))
-            runs.append(self.student("distilled", seed, cfg.n_labelled))
-            runs.append(self.student("distilled_labelled_only", seed, cfg.n_labelled))
+            runs += [self.student(kind, seed, cfg.n_labelled) for kind in STUDENT_KINDS]
         for seed in range(cfg.sweep_seeds):
             for n in cfg.n_sweep:
                 if n != cfg.n_labelled:
-                    runs.append(self.student("scratch", seed, n))
-                    runs.append(self.student("distilled", seed, n))
+                    runs += [self.student(kind, seed, n) for kind in STUDENT_KINDS]
             for t in cfg.t_sweep:
                 if t != cfg.temperature:
-                    runs.append(self.student("distilled", seed, cfg.n_labelled, t))
+                    runs += [self.student(kind, seed, cfg.n_labelled, t) for kind in STUDENT_KINDS[1:]]
         return runs

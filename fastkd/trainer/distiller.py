@@ -145,6 +145,7 @@ class Distiller:
         self.step = 0  # optimizer steps
         self.history: list[dict[str, Any]] = []
         self.best: float = math.inf
+        self.data_seed: int | None = None  # DistributedSampler seed, fixed at the first fit()
         self._student_train = self.student  # DDP-wrapped in fit() when distributed
         self._teacher_train = self.teacher
 
@@ -216,6 +217,11 @@ class Distiller:
             loss, soft, hard = out.loss, out.soft, out.hard
         else:
             loss, soft, hard = out, None, None
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar loss, got {shape}; use reduction='mean', 'sum' or 'batchmean'"
+            )
         feat = None
         if self.feature_pairs:
             if training:
@@ -335,6 +341,7 @@ class Distiller:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "history": list(self.history),
             "best": self.best,
+            "data_seed": self.data_seed,
             "world_size": self.dist.world_size,
         }
 
@@ -364,6 +371,7 @@ class Distiller:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.history = list(ckpt["history"])
         self.best = float(ckpt["best"])
+        self.data_seed = ckpt.get("data_seed")
         if restore_rng:
             states = ckpt["rng"]
             # A different world size on resume: ranks beyond the saved ones reuse saved states.
@@ -378,17 +386,22 @@ class Distiller:
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Loss (the training objective, without feature hints) and student top-1 accuracy on
         ``loader``, plus the ``soft`` and ``hard`` terms when the loss reports them. Under torchrun
-        every rank evaluates its shard and the results are all-reduced."""
+        every rank evaluates its shard and the results are all-reduced.
+
+        Evaluation leaves the RNG states as it found them (a DataLoader draws a seed from the global
+        RNG each time it is iterated), so validating or not never changes a training run."""
         loader = distributed.shard_eval_loader(loader, self.dist)
         modes = [(m, m.training) for m in (self.teacher, self.student)]
         for m, _ in modes:
             m.eval()
         meter = EpochMeter(self.device)
+        rng = capture_rng_state()
         try:
             for batch in loader:
                 out = self._forward(batch, training=False)
                 meter.update(out["rows"], out["loss"], out["soft"], out["hard"], None, out["correct"], out["counted"])
         finally:
+            restore_rng_state(rng)
             for m, mode in modes:
                 m.train(mode)
         return meter.compute()
@@ -429,9 +442,6 @@ class Distiller:
         ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         main = self.dist.is_main
 
-        seed = distributed.broadcast_object(int(torch.initial_seed()) % 2**31)
-        loader = distributed.shard_train_loader(train_loader, self.dist, seed)
-
         if resume:
             path = ckpt_dir / LAST if resume is True else Path(resume)
             if path.is_file():
@@ -440,6 +450,11 @@ class Distiller:
                 raise FileNotFoundError(f"resume: no checkpoint at {path}")
             elif main:
                 warnings.warn(f"resume: no checkpoint at {path} yet, starting from scratch", stacklevel=2)
+        if self.data_seed is None:
+            # The DistributedSampler's shuffling seed: one for all ranks, kept in the checkpoints so
+            # that a resumed run shuffles as the original did.
+            self.data_seed = distributed.broadcast_object(int(torch.initial_seed()) % 2**31)
+        loader = distributed.shard_train_loader(train_loader, self.dist, self.data_seed)
 
         self._preflight(loader)
         self._wrap_ddp()
