@@ -91,6 +91,11 @@ def _deterministic_seed():
     torch.manual_seed(0)
 
 
+# Small tensors run faster on one thread on a 2-core machine that other jobs share; the tests that
+# exercise the parallel path set their own thread count.
+torch.set_num_threads(1)
+
+
 # CI runs the property tests with a fixed seed so that a landing never hinges on luck; locally they
 # explore new examples every run.
 settings.register_profile("ci", derandomize=True, deadline=None)

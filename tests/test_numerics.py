@@ -17,8 +17,12 @@ def check(s, t, y, dtype, teacher_grad=False, **kw):
     wide = torch.float64 in (s.dtype, t.dtype)
     assert got.loss.dtype == (torch.float64 if wide else torch.float32)
     assert got.loss.shape == want.loss.shape
-    for a, b in zip(got, want, strict=False):
-        assert_loss_close(a, b, atol)
+    assert_loss_close(got.loss, want.loss, atol)
+    # The logged terms are unweighted: each keeps ~3e-7 of absolute rounding per row (the loss is
+    # refined where T^2 would magnify it).
+    rows = s.numel() // max(s.shape[-1], 1) if kw.get("reduction") == "sum" else 1
+    for a, b in ((got.soft, want.soft), (got.hard, want.hard)):
+        assert_loss_close(a, b, atol + 3e-7 * rows)
     for g, w, x in zip(got_grads, want_grads, (s, t), strict=False):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert_grad_close(g, w, x.dtype)

@@ -40,8 +40,12 @@ def test_matches_float64_reference(case):
     got, (gs, gt) = fused(s, t, y, teacher_grad=True, **kwargs)
     want, (ws, wt) = oracle(s, t, y, teacher_grad=True, **kwargs)
     atol = loss_atol(s, t, kwargs["temperature"], kwargs["alpha"])
-    for a, b in zip(got, want, strict=False):
-        assert_loss_close(a, b, atol)
+    assert_loss_close(got.loss, want.loss, atol)
+    # The logged terms are unweighted: each keeps ~3e-7 of absolute rounding per row (the loss is
+    # refined where T^2 would magnify it).
+    rows = s.numel() // max(s.shape[-1], 1) if kwargs["reduction"] == "sum" else 1
+    for a, b in ((got.soft, want.soft), (got.hard, want.hard)):
+        assert_loss_close(a, b, atol + 3e-7 * rows)
     floor = grad_atol(s, t, kwargs["temperature"], kwargs["alpha"])
     assert_grad_close(gs, ws, s.dtype, floor)
     assert_grad_close(gt, wt, t.dtype, floor)
