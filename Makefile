@@ -37,9 +37,10 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check fastkd tests benchmarks
 
-# A wheel for chosen CUDA archs, e.g. `make wheel TORCH_CUDA_ARCH_LIST="8.0;9.0"`.
+# A wheel for chosen CUDA archs, e.g. `make wheel TORCH_CUDA_ARCH_LIST="8.0;9.0"`. Its own build
+# folder, so switching archs does not rebuild the editable install's objects.
 wheel: $(VENV)/.deps
-	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	$(PY) -m pip wheel --no-build-isolation --no-deps -C build-dir=build/wheel-{wheel_tag} -w dist .
 
 clean:
 	rm -rf build dist $(VENV)/.fastkd-built

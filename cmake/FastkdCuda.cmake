@@ -67,7 +67,9 @@ if(FASTKD_WITH_CUDA)
   set(CMAKE_CUDA_STANDARD 20)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   enable_language(CUDA)
-  file(GLOB FASTKD_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
+  # Kernels in .cu; the ATen glue in .cpp (host compiler only: the torch headers compile faster there).
+  file(GLOB FASTKD_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu"
+       "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cpp")
   message(STATUS "fastkd: building CUDA kernels for ${CMAKE_CUDA_ARCHITECTURES}")
   # nvcc may be a wrapper script outside the toolkit; tell torch's FindCUDA where the toolkit is.
   if(EXISTS "${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}/include/cuda_runtime.h")
@@ -82,6 +84,8 @@ function(fastkd_configure_cuda_target target)
   if(FASTKD_WITH_CUDA)
     target_compile_options(${target} PRIVATE
       $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo --expt-relaxed-constexpr>)
+    # The device build gets its own copy of distill_row.h's inline functions (see FASTKD_ISA there).
+    target_compile_definitions(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:FASTKD_ISA=gpu>)
     set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
   endif()
 endfunction()

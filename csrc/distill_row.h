@@ -270,6 +270,239 @@ FASTKD_HD void refine_soft(RowLoss<acc_t>& loss, acc_t refinement_sum, const Los
   loss.loss = acc_t(p.soft_weight) * loss.soft + acc_t(1.0 - p.alpha) * loss.hard;
 }
 
+// ---------------------------------------------------------------- exp2 form
+// For backends with a fast 2^x (CUDA's ex2). Every exponent is one multiply-add in a per-row frame:
+// u = t k + c_t, v = s k + c_b, with k = log2(e) / T and c = -round(max k), so 2^u is
+// e^((t - max_t) / T) times 2^r_t, the same factor for the whole stream (r = max k + c, the
+// rounding error of max k, tiny but not negligible at |logits| ~ 1e4). Normalized values (p, q,
+// r) do not see r, and neither does KL written in the frame:
+//     KL = ln2 * sum 2^u (u - v) / sum 2^u - ln sum 2^u + ln sum 2^v
+// which also keeps (t - s) / T and (max_t - max_s) / T, each large at large logits, from cancelling
+// against each other in fp32. Only the cross-entropy needs a true sum (lse(s) = max_s + ln S_1).
+template <class acc_t>
+struct Exp2Shift {
+  acc_t k = 0;  // log2(e) / T, or log2(e) for the T = 1 stream
+  acc_t c = 0;  // -round(max * k); 0 while max is -inf (every term is then 2^-inf = 0)
+  acc_t r = 0;  // the frame's sums are 2^r times the true ones
+};
+
+template <class acc_t>
+FASTKD_HD Exp2Shift<acc_t> exp2_shift(acc_t max, acc_t k) {
+  Exp2Shift<acc_t> sh;
+  sh.k = k;
+  if (max == neg_inf<acc_t>()) return sh;
+  const acc_t mk = max * k;
+  sh.c = -mk;
+  sh.r = std::fma(max, k, -mk);  // the exact rounding error of max * k
+  return sh;
+}
+
+// The frame of a stream's square (T == 2: e^(s - max) is e^((s - max) / 2) squared).
+template <class acc_t>
+FASTKD_HD Exp2Shift<acc_t> exp2_shift_squared(const Exp2Shift<acc_t>& sh) {
+  Exp2Shift<acc_t> sq;
+  sq.k = sh.k + sh.k;
+  sq.c = sh.c + sh.c;
+  sq.r = sh.r + sh.r;
+  return sq;
+}
+
+// A row's frames: t (teacher at T), b (student at T), one (student at T = 1). kTMode 1, 2 and 4
+// (LossParams::integer_temperature) derive the T = 1 stream from the b-stream, 2^v raised to the
+// power T, instead of a third exponential.
+template <class acc_t>
+struct Exp2Shifts {
+  Exp2Shift<acc_t> t, b, one;
+};
+
+template <int kTMode, class acc_t>
+FASTKD_HD Exp2Shifts<acc_t> exp2_shifts(acc_t max_t, acc_t max_s, const LossParams& p) {
+  const acc_t log2e = acc_t(1.4426950408889634);
+  const acc_t k = acc_t(p.inv_temperature * 1.4426950408889634);
+  Exp2Shifts<acc_t> sh;
+  sh.t = exp2_shift(max_t, k);
+  sh.b = exp2_shift(max_s, k);
+  if constexpr (kTMode == 1) {
+    sh.one = sh.b;
+  } else if constexpr (kTMode == 2) {
+    sh.one = exp2_shift_squared(sh.b);
+  } else if constexpr (kTMode == 4) {
+    sh.one = exp2_shift_squared(exp2_shift_squared(sh.b));
+  } else {
+    sh.one = exp2_shift(max_s, log2e);
+  }
+  return sh;
+}
+
+// Sums of a row in its frames: sum_t = sum 2^u, w = sum 2^u (u - v), sum_b = sum 2^v,
+// sum_1 = sum 2^(s k_1 + c_1), sum_s = sum s (raw), and max_d = max (u - v) (RowStats::max_d).
+template <class acc_t>
+struct Exp2Sums {
+  acc_t sum_t = 0, w = 0, sum_b = 0, sum_1 = 0, sum_s = 0;
+  acc_t max_d = neg_inf<acc_t>();
+
+  FASTKD_HD void add(const Exp2Sums& o) {
+    sum_t += o.sum_t;
+    w += o.w;
+    sum_b += o.sum_b;
+    sum_1 += o.sum_1;
+    sum_s += o.sum_s;
+    max_d = std::fmax(max_d, o.max_d);
+  }
+};
+
+// e1 = 2^(s k_1 + c_1) from 2^v when T is 1, 2 or 4 (kTMode), else its own exponential.
+template <class Math, int kTMode, class acc_t>
+FASTKD_HD acc_t exp2_unit_stream(acc_t s, acc_t eb, const Exp2Shifts<acc_t>& sh) {
+  if constexpr (kTMode == 1) {
+    return eb;
+  } else if constexpr (kTMode == 2) {
+    return eb * eb;
+  } else if constexpr (kTMode == 4) {
+    const acc_t e2 = eb * eb;
+    return e2 * e2;
+  } else {
+    return Math::exp2(std::fma(s, sh.one.k, sh.one.c));
+  }
+}
+
+// u - v for the w sum and the teacher gradient, with -inf - x and NaN (both logits -inf) raised to
+// the lowest finite value: a -inf teacher logit (2^u = 0) then adds exactly 0 where 0 * inf would be
+// NaN, while a -inf student logit under p > 0 still gives +inf. A NaN logit still gives NaN, through
+// 2^u or the sums.
+template <class acc_t>
+FASTKD_HD acc_t exp2_frame_diff(acc_t u, acc_t v) {
+  return std::fmax(u - v, -std::numeric_limits<acc_t>::max());
+}
+
+// One element's contribution. Math provides exp2.
+template <class Math, bool kSoft, bool kHard, int kTMode, class acc_t>
+FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2Shifts<acc_t>& sh) {
+  acc_t v = 0, eb = 0;
+  if constexpr (kSoft || (kHard && kTMode != 0)) {
+    v = std::fma(s, sh.b.k, sh.b.c);
+    eb = Math::exp2(v);
+  }
+  if constexpr (kSoft) {
+    const acc_t u = std::fma(t, sh.t.k, sh.t.c);
+    const acc_t et = Math::exp2(u);
+    const acc_t d = exp2_frame_diff(u, v);
+    x.sum_t += et;
+    x.w = std::fma(et, d, x.w);
+    x.sum_b += eb;
+    x.max_d = std::fmax(x.max_d, d);
+  }
+  if constexpr (kHard) {
+    x.sum_1 += exp2_unit_stream<Math, kTMode>(s, eb, sh);
+    x.sum_s += s;
+  }
+}
+
+// Moves sums from frames `from` (of maxima from_t, from_s) to frames `to` (online gathering, and
+// merging partial rows gathered in different frames). A stream still empty (maximum -inf) has sums
+// 0 and stays 0.
+template <class Math, class acc_t>
+FASTKD_HD void exp2_move(Exp2Sums<acc_t>& x, acc_t from_t, acc_t from_s, const Exp2Shifts<acc_t>& from,
+                         const Exp2Shifts<acc_t>& to) {
+  const acc_t ninf = neg_inf<acc_t>();
+  const acc_t dt = to.t.c - from.t.c, db = to.b.c - from.b.c;
+  if (from_t == ninf) {
+    x.sum_t = x.w = acc_t(0);
+    x.max_d = neg_inf<acc_t>();
+  } else if (dt != acc_t(0) || db != acc_t(0)) {
+    const acc_t ft = dt == acc_t(0) ? acc_t(1) : Math::exp2(dt);
+    x.w = ft * (x.w + x.sum_t * (dt - db));  // each u - v grows by dt - db
+    x.sum_t *= ft;
+    x.max_d += dt - db;
+  }
+  if (from_s == ninf) {
+    x.sum_b = x.sum_1 = acc_t(0);
+  } else {
+    if (db != acc_t(0)) x.sum_b *= Math::exp2(db);
+    const acc_t d1 = to.one.c - from.one.c;
+    if (d1 != acc_t(0)) x.sum_1 *= Math::exp2(d1);
+  }
+}
+
+// RowStats for finalize() from a row's frame sums (any accumulation type in, wide_t out: the CUDA
+// kernels finalize fp32 sums in fp64, as the CPU kernel does). Both maxima are set to max_s, so
+// finalize's (max_t - max_s) / T is 0 and its soft term is the frame form of KL above; sum_1 alone
+// is brought back to its true value for lse(s).
+template <class wide_t, class acc_t>
+FASTKD_HD RowStats<wide_t> exp2_row_stats(const Exp2Sums<acc_t>& x, acc_t max_s, const Exp2Shifts<acc_t>& sh) {
+  RowStats<wide_t> st;
+  st.max_t = wide_t(max_s);
+  st.max_s = wide_t(max_s);
+  st.sum_t = wide_t(x.sum_t);
+  st.w = wide_t(x.w) * wide_t(0.6931471805599453);  // ln 2: frame units to natural ones
+  st.sum_b = wide_t(x.sum_b);
+  st.sum_1 = wide_t(x.sum_1) * std::exp2(-wide_t(sh.one.r));
+  st.sum_s = wide_t(x.sum_s);
+  st.max_d = wide_t(x.max_d) * wide_t(0.6931471805599453);
+  return st;
+}
+
+// Gradient coefficients in the frame: p_scale, q_scale and r_scale turn 2^u, 2^v and 2^(s k_1 + c_1)
+// straight into soft_coef * p, soft_coef * q and hard_coef * r.
+template <class acc_t>
+struct Exp2Coeffs {
+  Exp2Shifts<acc_t> sh;
+  acc_t p_scale = 0, q_scale = 0, r_scale = 0;
+  acc_t uniform = 0, target_coef = 0;
+  acc_t teacher_shift = 0;  // mu = E_p[(u - v) ln 2]: log p - log q - soft = (u - v) ln 2 - mu
+  acc_t inv_sum_b = 0;      // q = 2^v * inv_sum_b, for the KL refinement
+  bool refine = false;      // RowCoeffs::refine: this row's KL comes from exp2_refinement_term sums
+};
+
+// From the frame sums and finalize()'s coefficients of exp2_row_stats()'s RowStats.
+template <class acc_t, class wide_t>
+FASTKD_HD Exp2Coeffs<acc_t> exp2_coeffs(const Exp2Sums<acc_t>& x, const Exp2Shifts<acc_t>& sh,
+                                        const RowCoeffs<wide_t>& c, const LossParams& p) {
+  Exp2Coeffs<acc_t> e;
+  e.sh = sh;
+  if (p.has_soft) {
+    e.p_scale = acc_t(c.soft_coef / wide_t(x.sum_t));
+    e.q_scale = acc_t(c.soft_coef / wide_t(x.sum_b));
+  }
+  if (p.has_hard) e.r_scale = acc_t(c.hard_coef / wide_t(x.sum_1));
+  e.uniform = acc_t(c.uniform);
+  e.target_coef = acc_t(c.target_coef);
+  e.teacher_shift = acc_t(c.teacher_shift);
+  e.inv_sum_b = acc_t(wide_t(1) / wide_t(x.sum_b));
+  e.refine = c.refine;
+  return e;
+}
+
+// Gradients of one element in the frame (before the target correction), as element_student_grad
+// and element_teacher_grad: gs = soft_coef (q - p) + hard_coef r - uniform, and when kTeacher
+// gt = soft_coef p (log p - log q - soft).
+template <class Math, bool kSoft, bool kHard, int kTMode, bool kTeacher, class acc_t>
+FASTKD_HD void exp2_element_grads(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, acc_t& gs, acc_t& gt) {
+  acc_t g = 0, v = 0, eb = 0;
+  if constexpr (kSoft || (kHard && kTMode != 0)) {
+    v = std::fma(s, c.sh.b.k, c.sh.b.c);
+    eb = Math::exp2(v);
+  }
+  if constexpr (kSoft) {
+    const acc_t u = std::fma(t, c.sh.t.k, c.sh.t.c);
+    const acc_t pw = Math::exp2(u) * c.p_scale;  // soft_coef * p
+    g = std::fma(eb, c.q_scale, -pw);
+    if constexpr (kTeacher) gt = pw * std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift);
+  }
+  if constexpr (kHard) g = std::fma(exp2_unit_stream<Math, kTMode>(s, eb, c.sh), c.r_scale, g) - c.uniform;
+  gs = g;
+}
+
+// One element's term of the KL refinement (element_kl_refinement in the frame): q expm1(d - mu).
+// Summed over the row, then refine_soft(). Math provides expm1.
+template <class Math, class acc_t>
+FASTKD_HD acc_t exp2_refinement_term(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c) {
+  const acc_t v = std::fma(s, c.sh.b.k, c.sh.b.c);
+  const acc_t u = std::fma(t, c.sh.t.k, c.sh.t.c);
+  const acc_t q = Math::exp2(v) * c.inv_sum_b;
+  return q * Math::expm1(std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift));
+}
+
 // Scale of the reduction applied to every row's gradient (and to the summed loss).
 FASTKD_HD double reduction_scale(Reduction r, int64_t unmasked_rows, int64_t batch_size) {
   switch (r) {

@@ -9,6 +9,12 @@
 
 namespace py = pybind11;
 
+#if FASTKD_WITH_CUDA
+namespace fastkd::cuda {
+std::string last_kernel();  // cuda/distill_cuda.cpp
+}
+#endif
+
 namespace {
 
 std::vector<std::string> split(const std::string& text, char sep) {
@@ -49,4 +55,14 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastkd compiled kernels (the ops register under torch.ops.fastkd on import)";
   m.def("build_info", &build_info, "How this fastkd extension was built and which CPU kernel it runs");
+  m.def(
+      "cuda_last_kernel",
+      [] {
+#if FASTKD_WITH_CUDA
+        return fastkd::cuda::last_kernel();
+#else
+        return std::string("none");
+#endif
+      },
+      "Which CUDA kernel the last CUDA call of fastkd::distill_forward ran (tests, benchmarks)");
 }

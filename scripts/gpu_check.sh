@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# GPU check of fastkd's CUDA kernels, made to be sent as ONE command to the device machine (an H200;
+# Python 3.12 with torch 2.11 + CUDA 13.0, nvcc, cmake, ninja, scikit-build-core and pybind11 already
+# installed; no network). From the repository root:
+#
+#     bash scripts/gpu_check.sh          # device tool: run(command="bash scripts/gpu_check.sh",
+#                                        #                  timeout_s=540, carry=[".whl"])
+#
+# Stages, each time-limited, the next one running whatever the last one did:
+#   env        nvidia-smi and versions
+#   build      pip install --no-build-isolation --no-deps -e . into the system python, sm_90 only
+#   tests      pytest -m cuda (tests/test_cuda.py: float64 reference, gradcheck, opcheck, compile,
+#              CUDA graphs, ...)
+#   sanitizer  scripts/cuda_smoke.py alone, then under compute-sanitizer --tool memcheck
+#   bench      benchmarks/bench_loss.py on the issue's headline case (N=8192, V=128256, bf16, T=2,
+#              alpha=0.5) against torch.compile and Liger, then fp32 / V=32000 / N=32768 vs eager
+# Logs and results go to $OUT (at most 8 files come back): gpu_check.log (this output), build.log,
+# tests.log, sanitizer.log, h200.json / .md / .png and h200-extra.md. The whole run stays under 8
+# minutes (GPU_CHECK_BUDGET seconds, default 465).
+#
+# Liger-Kernel for the comparison: download its wheel here, on the development machine, into the
+# ignored folder .whl/ at the repository root (pure Python; it needs triton, which torch brings), and
+# name .whl in the run's carry:
+#     grep -i '^liger-kernel' /work/.library/env/packages/pypi.tsv        # the version there: 0.8.5
+#     echo /.whl/ >> .git/info/exclude                                   # .gitignore has it too
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl liger-kernel==0.8.5
+#
+# A dry run without a GPU (checks the script itself; GPU stages are skipped):
+#     OUT=/tmp/gpu-check PYTHON=.venv/bin/python SKIP_BUILD=1 bash scripts/gpu_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+BUDGET=${GPU_CHECK_BUDGET:-465}
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+declare -a SUMMARY=()
+
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+# seconds a stage may take: its own limit, or what is left of the budget
+limit() {
+  local want=$1 left=$((DEADLINE - $(date +%s)))
+  ((left < want)) && want=$left
+  echo "$want"
+}
+
+# stage NAME LIMIT LOG COMMAND...: runs COMMAND under timeout, its output to LOG (and a tail here)
+stage() {
+  local name=$1 want=$2 log=$3
+  shift 3
+  local t
+  t=$(limit "$want")
+  if ((t < 15)); then
+    SUMMARY+=("$name: SKIPPED (budget spent)")
+    echo "== $name: skipped, budget spent"
+    return 0
+  fi
+  echo "== $name (limit ${t}s): $*"
+  local s=$(date +%s) rc
+  timeout --kill-after=10 "$t" "$@" >>"$log" 2>&1
+  rc=$?
+  local took=$(($(date +%s) - s))
+  local status="ok"
+  ((rc == 124 || rc == 137)) && status="TIMEOUT"
+  ((rc != 0 && rc != 124 && rc != 137)) && status="FAILED (exit $rc)"
+  SUMMARY+=("$name: $status in ${took}s, log $(basename "$log")")
+  echo "-- $name: $status in ${took}s; last lines of $(basename "$log"):"
+  tail -n 25 "$log"
+  return 0
+}
+
+echo "== env ($(date -u +%FT%TZ))"
+nvidia-smi || echo "nvidia-smi: not available"
+$PY --version
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || echo "torch: import failed"
+nvcc --version | tail -n 2 || echo "nvcc: not found"
+cmake --version | head -n 1 || echo "cmake: not found"
+compute-sanitizer --version | head -n 2 || echo "compute-sanitizer: not found"
+git log --oneline -1 2>/dev/null || true
+
+HAS_GPU=${GPU_CHECK_FORCE:-0}  # GPU_CHECK_FORCE=1: run the GPU stages anyway (dry runs of this script)
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && HAS_GPU=1
+
+# Liger-Kernel wheels carried in .whl/ (see the top of this file)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    echo "liger: installed from .whl into /tmp/site"
+  else
+    echo "liger: install from .whl failed; the benchmark will skip it"
+  fi
+else
+  echo "liger: no .whl/ folder; the benchmark will skip Liger-Kernel"
+fi
+
+# ---- build: in place, into the system python, for sm_90 only (fast); no build isolation, no network
+if [[ ${SKIP_BUILD:-0} == 1 ]]; then
+  SUMMARY+=("build: SKIPPED (SKIP_BUILD=1)")
+else
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTKD_CUDA=on
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  stage build 240 "$OUT/build.log" $PY -m pip install -v --no-index --no-build-isolation --no-deps -e .
+fi
+$PY -c "import fastkd; print('build_info', fastkd.build_info())" || echo "fastkd: import failed"
+
+if ((HAS_GPU)); then
+  # ---- tests
+  stage tests 150 "$OUT/tests.log" $PY -m pytest -q -m cuda -p no:cacheprovider --durations=15 tests
+
+  # ---- the smoke case alone, then under memcheck (one cudaMalloc per tensor: exact bounds)
+  stage smoke 40 "$OUT/sanitizer.log" $PY scripts/cuda_smoke.py
+  stage sanitizer 70 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py
+
+  # ---- benchmark: the headline case against every peer, then more shapes against eager only
+  stage bench 130 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
+    --machine h200 --shapes 8192x128256 --dtypes bf16 --no-sweep --repeats 10
+  stage bench-extra 70 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
+    --machine h200-extra --shapes 8192x128256,4096x32000,32768x128256 --dtypes bf16,fp32 --no-sweep \
+    --no-compile --no-liger --repeats 5
+  rm -f "$OUT/h200-extra.json" "$OUT/h200-extra.png"  # 8 files come back: keep its table only
+  # bench.log holds the printed tables, which the .md files repeat: fold it into gpu_check.log
+  if [[ -f $OUT/bench.log ]]; then
+    echo "== bench.log"
+    cat "$OUT/bench.log"
+    rm -f "$OUT/bench.log"
+  fi
+else
+  SUMMARY+=("tests, sanitizer, bench: SKIPPED (no CUDA device)")
+fi
+
+echo "== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
+for line in "${SUMMARY[@]}"; do echo "  $line"; done
+if [[ -f $OUT/tests.log ]]; then
+  echo "  tests: $(grep -E '[0-9]+ (passed|failed|skipped|deselected|error)' "$OUT/tests.log" | tail -n 1)"
+fi
+echo "  files in $OUT:"
+ls -la "$OUT"
