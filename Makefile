@@ -21,8 +21,7 @@ $(VENV)/.deps: | $(PY)
 	touch $@
 
 $(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	$(PY) -m pip install -q -e ".[dev]"  --no-build-isolation
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 test: install
