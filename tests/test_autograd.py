@@ -143,3 +143,21 @@ def test_gradient_and_loss_agree_with_finite_differences_float32_bf16():
     ref = s.detach().double().requires_grad_()
     fastkd.reference.distill_loss(ref, t.double(), y, temperature=2.0).backward()
     torch.testing.assert_close(s.grad.double(), ref.grad, atol=1e-2 * ref.grad.abs().max().item(), rtol=0)
+
+
+def test_large_gradient_memory_is_reused_only_once_freed():
+    s, t, y = make_inputs((160, 16384))  # a 10 MiB gradient: the allocator's caching range
+    s.requires_grad_()
+    fastkd.distill_loss(s, t, y, temperature=2.0).backward()
+    first = s.grad
+    first_values = first.clone()
+    s.grad = None
+    fastkd.distill_loss(s, t, y, temperature=2.0).backward()
+    assert s.grad.data_ptr() != first.data_ptr()  # `first` is alive: its memory is not handed out
+    assert torch.equal(first, first_values) and torch.equal(s.grad, first_values)
+    freed = {s.grad.data_ptr(), first.data_ptr()}
+    del first
+    s.grad = None  # as zero_grad(set_to_none=True): a freed block goes back to the cache
+    fastkd.distill_loss(s, t, y, temperature=2.0).backward()
+    assert s.grad.data_ptr() in freed
+    assert torch.equal(s.grad, first_values)
