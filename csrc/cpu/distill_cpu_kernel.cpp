@@ -27,6 +27,7 @@ namespace {
 
 using at::vec::Vectorized;
 #include "cpu/vec_exp.h"
+#include "cpu/vec_widen.h"
 
 constexpr int64_t kBlock = 1024;  // elements per block: 4 fp32 streams of 4 KiB stay in L1
 
@@ -80,10 +81,10 @@ const acc_t* load_block(const void* base, c10::ScalarType dtype, int64_t offset,
   } else {
     switch (dtype) {
       case c10::ScalarType::BFloat16:
-        at::vec::convert(static_cast<const c10::BFloat16*>(base) + offset, buf, n);
+        widen(static_cast<const c10::BFloat16*>(base) + offset, buf, n);
         return buf;
       case c10::ScalarType::Half:
-        at::vec::convert(static_cast<const c10::Half*>(base) + offset, buf, n);
+        widen(static_cast<const c10::Half*>(base) + offset, buf, n);
         return buf;
       default:
         return static_cast<const float*>(base) + offset;
