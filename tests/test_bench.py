@@ -10,6 +10,7 @@ from fastkd.bench.config import QUICK_SHAPE, make_cases, parse_shapes
 
 
 def test_quick_benchmark_runs_and_reports(capsys):
+    """The default path: the case runs in its own process."""
     rc = main(["--quick", "--no-save", "--no-compile", "--device", "cpu", "--repeats", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -20,7 +21,7 @@ def test_quick_benchmark_runs_and_reports(capsys):
 
 def test_results_files_are_written(tmp_path):
     rc = main(["--device", "cpu", "--shapes", "64x1000", "--dtypes", "bf16", "--repeats", "1",
-               "--no-compile", "--results-dir", str(tmp_path), "--machine", "unit", "--peak-gbps", "10"])
+               "--no-compile", "--no-isolate", "--results-dir", str(tmp_path), "--machine", "unit", "--peak-gbps", "10"])
     assert rc == 0
     doc = json.loads((tmp_path / "unit.json").read_text())
     (case,) = doc["cases"]
@@ -71,7 +72,7 @@ def test_a_peer_that_overwrites_its_input_runs_on_a_private_copy(monkeypatch, tm
 
     monkeypatch.setattr(runner, "build_contenders", with_vandal)
     rc = main(["--device", "cpu", "--shapes", "32x500", "--dtypes", "fp32", "--repeats", "3",
-               "--no-compile", "--results-dir", str(tmp_path), "--machine", "unit", "--peak-gbps", "10"])
+               "--no-compile", "--no-isolate", "--results-dir", str(tmp_path), "--machine", "unit", "--peak-gbps", "10"])
     assert rc == 0
     (case,) = json.loads((tmp_path / "unit.json").read_text())["cases"]
     assert case["contenders"]["fastkd"]["check"]["ok"] is True

@@ -11,6 +11,7 @@ import torch
 from fastkd.bench import memory, report
 from fastkd.bench.config import Options, parse_options
 from fastkd.bench.contenders import FASTKD
+from fastkd.bench.isolate import run_case_isolated
 from fastkd.bench.machine import copy_bandwidth_gbps, environment, machine_name
 from fastkd.bench.runner import run_case
 
@@ -40,8 +41,12 @@ def method_notes(opts: Options, peak_source: str) -> list[str]:
         "fastkd computes the gradient during its forward and its backward only scales it: compare "
         "forward+backward",
         "speed-up = peer median forward+backward time / fastkd's",
-        f"peak extra memory of one step (gradient in .grad included), beyond what is held before: {mem}; "
-        "also as multiples of one N x V fp32 tensor",
+        "peak extra memory: the peak during one step (the gradient left in .grad included) minus what "
+        "the process held before the implementation's first call (the inputs), so memory kept between "
+        "steps counts too; 'held' is the part already held before the step (e.g. a cached gradient "
+        f"buffer, compiled code); also as multiples of one N x V fp32 tensor; measured with {mem}"
+        + ("; each case runs in a fresh process" if opts.isolate else
+           "; all cases in one process (--no-isolate): memory kept from earlier cases may hide"),
         "GB/s = (read student + read teacher + write student gradient, in the logits' dtype) / median "
         f"forward+backward time; % peak against {peak_source}",
         "check: loss and student gradient against reference eager on the same inputs (relative error; "
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     for i, case in enumerate(opts.cases, 1):
         _log(f"[{i}/{len(opts.cases)}] {case.n}x{case.v} {case.dtype} ...")
-        record, case_notes = run_case(case, opts, _log)
+        run = run_case_isolated if opts.isolate else run_case
+        record, case_notes = run(case, opts, _log)
         notes += [n for n in case_notes if n not in notes]
         cases.append(record)
         for line in report.headline([record]):

@@ -52,6 +52,7 @@ class Options:
     machine: str | None
     save: bool
     quick: bool
+    isolate: bool = True
     argv: list[str] = field(default_factory=list)
 
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="benchmarks/results")
     p.add_argument("--machine", default=None, help="results file name (default: derived from the machine)")
     p.add_argument("--no-save", dest="save", action="store_false", help="print only, write no files")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="run every case in this process instead of a fresh one per case (faster to start; "
+                   "memory kept between steps by an implementation may then be missed after the first case)")
     return p
 
 
@@ -161,5 +165,6 @@ def parse_options(argv: list[str] | None) -> Options:
         repeats=repeats, warmup=max(warmup, 1), compile=a.compile, liger=a.liger and device == "cuda",
         temperature=a.temperature, alpha=a.alpha, ignore_frac=a.ignore_frac, seed=a.seed,
         peak_gbps=a.peak_gbps if a.peak_gbps is not None else (HBM_PEAK_GBPS if device == "cuda" else None),
-        results_dir=a.results_dir, machine=a.machine, save=a.save, quick=a.quick, argv=argv,
+        results_dir=a.results_dir, machine=a.machine, save=a.save, quick=a.quick, isolate=a.isolate,
+        argv=argv,
     )

@@ -1,19 +1,23 @@
-"""Peak extra memory of one forward+backward step beyond what is held before it (inputs included).
+"""Memory of one forward+backward step, measured against what the process held before the
+implementation was first called in it (inputs included), so that memory an implementation keeps
+between steps (a cached gradient buffer, compiled artifacts) counts as well as what the step itself
+allocates. Each case runs in a fresh process (see ``isolate``), so nothing is left from earlier cases.
 
-CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated`` minus ``memory_allocated``
-before the step: exact bytes of live tensors, caching-allocator slack excluded.
+CUDA: ``torch.cuda.memory_allocated`` before the first call, then ``reset_peak_memory_stats`` and
+``max_memory_allocated`` around the step: exact bytes of live tensors, caching-allocator slack excluded.
 
 CPU: the process resident set size. Linux lets a process reset its RSS high-water mark (write "5" to
-/proc/self/clear_refs, Linux >= 4.0); the peak is VmHWM after the step minus VmRSS before it. Where
-that reset is refused, a thread samples /proc/self/statm every 0.2 ms instead (can miss short peaks).
-Limits: page granularity; counts the whole process (other threads, lazily loaded code); memory freed
-to the C heap earlier and reused by the step is not counted again (large tensors are mmap'ed and
-returned to the OS on free, and free heap pages are handed back with glibc's malloc_trim before each
-measurement, so this matters little); only pages actually written count.
+/proc/self/clear_refs, Linux >= 4.0): the peak is VmHWM after the step. Where that reset is refused, a
+thread samples /proc/self/statm every 0.2 ms instead (can miss short peaks). Free C-heap pages are handed
+back with glibc's malloc_trim before each reading. Limits: page granularity; it counts the whole
+process (lazily loaded code, thread stacks); only pages actually written count; memory the C heap kept
+from earlier and reuses is not counted again (large tensors are mmap'ed and returned on free, so this
+hardly matters at these sizes).
 """
 from __future__ import annotations
 
 import gc
+import os
 import re
 import threading
 import time
@@ -23,13 +27,10 @@ import torch
 from fastkd.bench.contenders import LossFn
 from fastkd.bench.inputs import Inputs
 
-_PAGE = 4096
 try:
-    import os
-
     _PAGE = os.sysconf("SC_PAGE_SIZE")
 except (ValueError, OSError, AttributeError):
-    pass
+    _PAGE = 4096
 
 
 def _status_kib(field: str) -> int:
@@ -84,39 +85,56 @@ def cpu_method() -> str:
     except OSError:
         ok = False
     if ok:
-        return "RSS high-water mark (reset via /proc/self/clear_refs), VmHWM after minus VmRSS before"
-    return "RSS sampled from /proc/self/statm every 0.2 ms (can miss short peaks)"
+        return ("process RSS: VmHWM (reset via /proc/self/clear_refs) during the step minus VmRSS before "
+                "the implementation's first call")
+    return ("process RSS sampled from /proc/self/statm every 0.2 ms during the step (can miss short "
+            "peaks) minus RSS before the implementation's first call")
 
 
-def peak_extra_bytes(fn: LossFn, x: Inputs, device: str) -> int:
-    """Peak memory of one step (loss, backward, the gradient left in ``.grad``) beyond what was
-    held before it; ``.grad`` is None at the start, so the gradient counts."""
-    x.student.grad = None
+def _settle(device: str) -> None:
     gc.collect()
-    if device == "cpu":
-        _trim_heap()
     if device == "cuda":
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+    else:
+        _trim_heap()
+
+
+def current_bytes(device: str) -> int:
+    """What the process holds now: CUDA bytes allocated, or CPU resident set size."""
+    _settle(device)
+    return torch.cuda.memory_allocated() if device == "cuda" else _rss_bytes()
+
+
+def measure_step(fn: LossFn, x: Inputs, device: str, first_use_base: int) -> dict:
+    """Run one step (``.grad`` None at the start, so the gradient left in it counts) and return, in
+    bytes: ``peak_extra_bytes`` (peak during the step minus ``first_use_base``, from
+    :func:`current_bytes` before the implementation's first call), ``held_bytes`` (of which held
+    already before the step: kept between steps) and ``step_peak_bytes`` (the rest)."""
+    x.student.grad = None
+    pre = current_bytes(device)
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loss = fn(x.student, x.teacher, x.target)
         loss.backward()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated()
     elif _reset_hwm():
-        base = _status_kib("VmRSS") * 1024
+        pre = _status_kib("VmRSS") * 1024  # the same reading the reset starts VmHWM from
         loss = fn(x.student, x.teacher, x.target)
         loss.backward()
-        peak = _status_kib("VmHWM") * 1024 - base
+        peak = _status_kib("VmHWM") * 1024
     else:
         sampler = _Sampler()
-        base = sampler.peak
         sampler.start()
         loss = fn(x.student, x.teacher, x.target)
         loss.backward()
         sampler.stop.set()
         sampler.join()
-        peak = max(sampler.peak, _rss_bytes()) - base
+        peak = max(sampler.peak, _rss_bytes())
     del loss
     x.student.grad = None
-    return max(peak, 0)
+    return {
+        "peak_extra_bytes": max(peak - first_use_base, 0),
+        "held_bytes": max(pre - first_use_base, 0),
+        "step_peak_bytes": max(peak - pre, 0),
+    }

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastkd.bench.contenders import EAGER, FASTKD
 
 COLUMNS = ("N x V", "dtype", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "fastkd speed-up",
-           "peak extra MiB", "x NV fp32", "GB/s", "% peak", "check")
+           "peak extra MiB", "x NV fp32", "held MiB", "GB/s", "% peak", "check")
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -32,7 +32,7 @@ def _check_cell(name: str, rec: dict) -> str:
 def case_rows(case: dict) -> list[list[str]]:
     """One row per contender of a case record (see runner.run_case)."""
     if case.get("error"):
-        return [[f"{case['n']}x{case['v']}", case["dtype"], "-", *["-"] * 8, case["error"]]]
+        return [[f"{case['n']}x{case['v']}", case["dtype"], "-", *["-"] * (len(COLUMNS) - 4), case["error"]]]
     rows = []
     for name, rec in case["contenders"].items():
         med = rec.get("median_ms") or {}
@@ -44,6 +44,7 @@ def case_rows(case: dict) -> list[list[str]]:
             f"{case['n']}x{case['v']}", case["dtype"], rec["label"],
             _f(med.get("fwd"), ".1f"), _f(med.get("bwd"), ".1f"), _f(med.get("fwd_bwd"), ".1f"), speed,
             _f(rec.get("peak_extra_mib"), ".0f"), _f(rec.get("peak_extra_nv_fp32"), ".2f"),
+            _f(rec.get("held_mib"), ".0f"),
             _f(rec.get("gbps"), ".1f"), _f(None if frac is None else 100 * frac, ".0f"), check,
         ])
     return rows
@@ -58,7 +59,7 @@ def text_table(cases: list[dict]) -> str:
         if bi > 1:
             lines.append("")
         for r in block:
-            lines.append("  ".join(x.rjust(w) if 3 <= i <= 10 else x.ljust(w)
+            lines.append("  ".join(x.rjust(w) if 3 <= i <= len(COLUMNS) - 2 else x.ljust(w)
                                    for i, (x, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         if bi == 0:
             lines.append("  ".join("-" * w for w in widths))

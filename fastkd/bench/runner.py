@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import torch
 
+from fastkd.bench import memory
 from fastkd.bench.config import Case, Options
 from fastkd.bench.contenders import EAGER, FASTKD, Contender, build_contenders
 from fastkd.bench.inputs import Inputs, make_inputs, traffic_bytes
-from fastkd.bench.memory import peak_extra_bytes
 from fastkd.bench.timing import StepTimer, wall_seconds
 
 MIB = 2**20
@@ -74,16 +74,20 @@ def _check(c: Contender, x: Inputs, case: Case, ref: tuple[float, torch.Tensor] 
 
 
 def _prepare(contenders, xs: _CaseInputs, timer, case, opts, results, log) -> list[Contender]:
-    """Warm up (the first call compiles under torch.compile; its wall time is recorded) and check
-    every contender, eager first so the others compare with it; returns those that ran."""
+    """Per contender, eager first so the others can compare with it: a memory baseline, warm-up
+    (the first call compiles under torch.compile; its wall time is recorded), one memory step, then
+    the check. Returns those that ran."""
     ref = None
     active = set()
     for c in sorted(contenders, key=lambda c: c.name != EAGER):
         rec = results[c.name]
         try:
+            base = memory.current_bytes(opts.device)  # before this implementation's first call
             rec["first_call_s"] = wall_seconds(opts.device, timer.step, c.fn, xs.get(c))
             for _ in range(opts.warmup - 1):
                 timer.step(c.fn, xs.get(c))
+            # Before the check, which keeps eager's gradient alive as the reference.
+            rec.update(memory.measure_step(c.fn, xs.get(c), opts.device, base))
             x = xs.get(c)
             rec["check"] = _check(c, x, case, ref)
             if c.name == EAGER:
@@ -142,6 +146,7 @@ def _derive(case: Case, results: dict, peak_gbps: float | None) -> dict:
         if rec.get("peak_extra_bytes") is not None:
             rec["peak_extra_mib"] = rec["peak_extra_bytes"] / MIB
             rec["peak_extra_nv_fp32"] = rec["peak_extra_bytes"] / nv_fp32
+            rec["held_mib"] = rec["held_bytes"] / MIB
     speedup = {}
     base = results.get(FASTKD, {}).get("median_ms")
     for name, rec in results.items():
@@ -171,15 +176,6 @@ def run_case(case: Case, opts: Options, log: Callable[[str], None]) -> tuple[dic
     try:
         active = _prepare(contenders, xs, timer, case, opts, results, log)
         _timed_rounds(active, xs, timer, opts.repeats, results)
-        timer.close()  # the memory steps run with nothing else held
-        for c in active:
-            if results[c.name]["error"]:
-                continue
-            try:
-                results[c.name]["peak_extra_bytes"] = peak_extra_bytes(c.fn, xs.get(c), opts.device)
-            except Exception as e:
-                results[c.name]["memory_error"] = _error_text(e)
-            _free(opts.device)
     finally:
         timer.close()
         del xs
