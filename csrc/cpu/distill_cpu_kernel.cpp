@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #define FASTKD_CAT2(a, b) a##b
 #define FASTKD_CAT(a, b) FASTKD_CAT2(a, b)
@@ -131,9 +132,12 @@ struct BlockSums {
   V sum_t, w, sum_b, sum_1, sum_s, max_d;
   BlockSums(V zero, V ninf) : sum_t(zero), w(zero), sum_b(zero), sum_1(zero), sum_s(zero), max_d(ninf) {}
 
-  void add(V s, V t, V shift_t, V shift_s, V inv_t) {
+  // Adds one element (or vector); et / eb, the teacher's and the student's exp at T, go back to the
+  // caller, which keeps them for the gradient pass.
+  void add(V s, V t, V shift_t, V shift_s, V inv_t, V& et_out, V& eb_out) {
     if constexpr (kSoft) {
       const V et = Math::exp((t - shift_t) * inv_t);
+      et_out = et;
       const V d = (t - s) * inv_t;
       sum_t = sum_t + et;
       w = w + Math::zero_where_zero(et, et * d);
@@ -144,6 +148,7 @@ struct BlockSums {
       eb = Math::exp((s - shift_s) * inv_t);
       sum_b = sum_b + eb;
     }
+    eb_out = eb;
     if constexpr (kHard) {
       sum_1 = sum_1 + (kPowT != 0 ? integer_power<kPowT>(eb) : Math::exp(s - shift_s));
       sum_s = sum_s + s;
@@ -160,9 +165,16 @@ struct BlockSums {
   }
 };
 
-// Pass 1 on one block: raise the running maxima to the block's, then add the block's sums.
+// The shifts a block's exps were taken against (-inf: every value so far was -inf, the exps are 0).
+struct BlockShift {
+  double t, s;
+};
+
+// Pass 1 on one block: raise the running maxima to the block's, then add the block's sums. The
+// exps go to exp_t / exp_s, relative to the returned shifts, so the gradient pass need not redo them.
 template <class acc_t, bool kSoft, bool kHard, int kPowT>
-void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int64_t n, double inv_t) {
+BlockShift accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int64_t n, double inv_t,
+                            acc_t* exp_t, acc_t* exp_s) {
   using V = Vectorized<acc_t>;
   constexpr int64_t kW = V::size();
   const int64_t n_vec = n - n % kW;
@@ -194,49 +206,78 @@ void accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int6
     const int64_t stop = std::min(n_vec, start + kFlush * kW);
     BlockSums<VecMath<acc_t>, kSoft, kHard, kPowT, V> part{V(acc_t(0)), max_d};
     for (int64_t i = start; i < stop; i += kW) {
-      part.add(V::loadu(s + i), kSoft ? V::loadu(t + i) : V(acc_t(0)), vshift_t, vshift_s, vinv_t);
+      V et(acc_t(0)), eb(acc_t(0));
+      part.add(V::loadu(s + i), kSoft ? V::loadu(t + i) : V(acc_t(0)), vshift_t, vshift_s, vinv_t, et, eb);
+      et.store(exp_t + i);
+      eb.store(exp_s + i);
     }
     part.add_into(st, &horizontal_sum<acc_t>);
     max_d = part.max_d;
   }
   BlockSums<ScalarMath<acc_t>, kSoft, kHard, kPowT, acc_t> tail{acc_t(0), horizontal_max(max_d)};
   for (int64_t i = n_vec; i < n; ++i) {
-    tail.add(s[i], kSoft ? t[i] : acc_t(0), shift_t, shift_s, inv_t_acc);
+    tail.add(s[i], kSoft ? t[i] : acc_t(0), shift_t, shift_s, inv_t_acc, exp_t[i], exp_s[i]);
   }
   tail.add_into(st, +[](const acc_t& x) { return double(x); });
   st.max_d = nan_max(st.max_d, double(tail.max_d));
+  return {st.max_t == neg_inf<double>() ? neg_inf<double>() : double(shift_t),
+          st.max_s == neg_inf<double>() ? neg_inf<double>() : double(shift_s)};
+}
+
+// exp((shift - max) / T): moves a block's exps onto the row's final maxima.
+double block_factor(double shift, double max, double inv_t) {
+  return shift == neg_inf<double>() ? 0.0 : std::exp((shift - max) * inv_t);
 }
 
 // Pass 2 on one block: the gradients (before the target-class correction) and, when kRefine, the
-// block's share of the KL refinement sum.
+// block's share of the KL refinement sum. q and p come from pass 1's exps (q = exp_s * q_scale,
+// p = exp_t * p_scale); the logits are read again only for what needs d = (t - s) / T (the teacher
+// gradient, the refinement) or a second exp stream (a non-integer T with a hard term).
 template <class acc_t, bool kSoft, bool kHard, int kPowT, bool kTeacher, bool kRefine>
-double gradient_block(const acc_t* s, const acc_t* t, int64_t n, const RowCoeffs<acc_t>& c, acc_t* gs,
-                      acc_t* gt) {
+double gradient_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, const acc_t* exp_s, int64_t n,
+                      const RowCoeffs<acc_t>& c, acc_t q_scale, acc_t p_scale, acc_t* gs, acc_t* gt) {
   using V = Vectorized<acc_t>;
   using VM = VecMath<acc_t>;
   using SM = ScalarMath<acc_t>;
   constexpr int64_t kW = V::size();
   const int64_t n_vec = n - n % kW;
+  const auto student_grad = [&](auto sv, auto tv, auto q, auto p, auto math) {
+    using W = decltype(q);
+    using M = decltype(math);
+    W g = W(c.soft_coef) * (q - p);
+    if constexpr (kHard) {
+      const W r = (kPowT == 1)   ? q
+                  : (kPowT != 0) ? integer_power<kPowT>(q * W(c.sum_b)) * W(c.inv_sum_1)
+                                 : M::exp(sv - W(c.max_s)) * W(c.inv_sum_1);
+      g = g + W(c.hard_coef) * r - W(c.uniform);
+    }
+    (void)tv;
+    return g;
+  };
+  constexpr bool kNeedLogits = kTeacher || kRefine || (kHard && kPowT == 0);
   double refinement = 0;
+  const V vq(q_scale), vp(p_scale);
   for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
     const int64_t stop = std::min(n_vec, start + kFlush * kW);
     V part(acc_t(0));
     for (int64_t i = start; i < stop; i += kW) {
-      const V sv = V::loadu(s + i);
-      const V tv = kSoft ? V::loadu(t + i) : V(acc_t(0));
-      V p(acc_t(0)), q(acc_t(0));
-      element_student_grad<VM, kSoft, kHard, kPowT>(sv, tv, c, &p, &q).store(gs + i);
+      const V q = V::loadu(exp_s + i) * vq;
+      const V p = V::loadu(exp_t + i) * vp;
+      const V sv = kNeedLogits ? V::loadu(s + i) : V(acc_t(0));
+      const V tv = kNeedLogits ? V::loadu(t + i) : V(acc_t(0));
+      student_grad(sv, tv, q, p, VM{}).store(gs + i);
       if constexpr (kTeacher) element_teacher_grad<VM>(sv, tv, p, c).store(gt + i);
       if constexpr (kRefine) part = part + element_kl_refinement<VM>(sv, tv, q, c);
     }
     if constexpr (kRefine) refinement += horizontal_sum(part);
   }
   for (int64_t i = n_vec; i < n; ++i) {
-    const acc_t tv = kSoft ? t[i] : acc_t(0);
-    acc_t p = 0, q = 0;
-    gs[i] = element_student_grad<SM, kSoft, kHard, kPowT>(s[i], tv, c, &p, &q);
-    if constexpr (kTeacher) gt[i] = element_teacher_grad<SM>(s[i], tv, p, c);
-    if constexpr (kRefine) refinement += element_kl_refinement<SM>(s[i], tv, q, c);
+    const acc_t q = exp_s[i] * q_scale;
+    const acc_t p = exp_t[i] * p_scale;
+    const acc_t sv = kNeedLogits ? s[i] : acc_t(0);
+    gs[i] = student_grad(sv, acc_t(0), q, p, SM{});
+    if constexpr (kTeacher) gt[i] = element_teacher_grad<SM>(s[i], t[i], p, c);
+    if constexpr (kRefine) refinement += element_kl_refinement<SM>(s[i], t[i], q, c);
   }
   return refinement;
 }
@@ -292,7 +333,10 @@ class RowWorker {
         sbuf_(reinterpret_cast<acc_t*>(scratch.s)),
         tbuf_(reinterpret_cast<acc_t*>(scratch.t)),
         gsbuf_(reinterpret_cast<acc_t*>(scratch.gs)),
-        gtbuf_(reinterpret_cast<acc_t*>(scratch.gt)) {}
+        gtbuf_(reinterpret_cast<acc_t*>(scratch.gt)),
+        exp_t_(a.vocab),
+        exp_s_(a.vocab),
+        shifts_((a.vocab + kBlock - 1) / kBlock) {}
 
   void run(int64_t row) {
     const int64_t vocab = a_.vocab;
@@ -307,8 +351,9 @@ class RowWorker {
     RowStats<double> st;
     for (int64_t off = 0; off < vocab; off += kBlock) {
       const int64_t n = std::min(kBlock, vocab - off);
-      accumulate_block<acc_t, kSoft, kHard, kPowT>(st, student(base + off, n), teacher(base + off, n), n,
-                                                    a_.params.inv_temperature);
+      shifts_[off / kBlock] = accumulate_block<acc_t, kSoft, kHard, kPowT>(
+          st, student(base + off, n), teacher(base + off, n), n, a_.params.inv_temperature, exp_t_.data() + off,
+          exp_s_.data() + off);
     }
     const double s_target = kHard ? load_one(a_.student, a_.student_dtype, base + y) : 0.0;
     RowCoeffs<double> coeffs{};
@@ -316,7 +361,8 @@ class RowWorker {
     const RowCoeffs<acc_t> c = narrow<acc_t>(coeffs);
     const bool want_teacher = kSoft && a_.grad_teacher != nullptr;
     if (a_.grad_student != nullptr || want_teacher) {
-      const double refinement = c.refine ? gradient_pass<true>(base, y, c) : gradient_pass<false>(base, y, c);
+      const double refinement =
+          c.refine ? gradient_pass<true>(base, y, coeffs, c) : gradient_pass<false>(base, y, coeffs, c);
       if (c.refine) refine_soft(loss, refinement, a_.params);
     } else if (kSoft && c.refine) {
       double refinement = 0;
@@ -340,21 +386,29 @@ class RowWorker {
   }
 
   template <bool kRefine>
-  double gradient_pass(int64_t base, int64_t y, const RowCoeffs<acc_t>& c) {
+  double gradient_pass(int64_t base, int64_t y, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c) {
+    const bool need_logits = kRefine || a_.grad_teacher != nullptr || (kHard && kPowT == 0);
     double refinement = 0;
     for (int64_t off = 0; off < a_.vocab; off += kBlock) {
       const int64_t n = std::min(kBlock, a_.vocab - off);
-      const acc_t* s = student(base + off, n);
-      const acc_t* t = teacher(base + off, n);
+      const acc_t* s = need_logits ? student(base + off, n) : nullptr;
+      const acc_t* t = need_logits ? teacher(base + off, n) : nullptr;
+      const BlockShift& shift = shifts_[off / kBlock];
+      const acc_t q_scale = acc_t(block_factor(shift.s, cd.max_s, cd.inv_t) * cd.inv_sum_b);
+      const acc_t p_scale = acc_t(block_factor(shift.t, cd.max_t, cd.inv_t) * cd.inv_sum_t);
+      const acc_t* et = exp_t_.data() + off;
+      const acc_t* es = exp_s_.data() + off;
       // Teacher gradient alone: the student's is computed into scratch and dropped.
       acc_t* gs = a_.grad_student ? grad_target<acc_t>(a_.grad_student, a_.student_dtype, base + off, gsbuf_)
                                   : gsbuf_;
       if (kSoft && a_.grad_teacher != nullptr) {
         acc_t* gt = grad_target<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, gtbuf_);
-        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, kSoft, kRefine>(s, t, n, c, gs, gt);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, kSoft, kRefine>(s, t, et, es, n, c, q_scale,
+                                                                                 p_scale, gs, gt);
         store_block<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, n, gt);
       } else {
-        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, false, kRefine>(s, t, n, c, gs, nullptr);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, false, kRefine>(s, t, et, es, n, c, q_scale,
+                                                                                  p_scale, gs, nullptr);
       }
       if (a_.grad_student == nullptr) continue;
       if (kHard && y >= off && y < off + n) gs[y - off] -= c.target_coef;
@@ -368,6 +422,10 @@ class RowWorker {
   acc_t* tbuf_;
   acc_t* gsbuf_;
   acc_t* gtbuf_;
+  // Pass 1's exps of the current row (in L2 for the gradient pass) and the shifts of each block.
+  std::vector<acc_t> exp_t_;
+  std::vector<acc_t> exp_s_;
+  std::vector<BlockShift> shifts_;
 };
 
 template <class acc_t, bool kSoft, bool kHard, int kPowT>
