@@ -2,14 +2,14 @@
 //
 // A row is one sample: student logits s[0..V), teacher logits t[0..V). Everything a row needs is
 // gathered in one streaming pass into RowStats (online softmax: running maxima and rescaled sums,
-// mergeable across vocabulary chunks, threads or ranks), turned into the loss and a handful of
-// gradient coefficients by finalize(), and the gradient is then written element by element by
-// element_grads(). The element functions are templates over the value type, so the CPU kernel runs
+// rebased onto new maxima chunk by chunk, so partial rows combine associatively), turned into the loss
+// and a handful of gradient coefficients by finalize(), and the gradient is then written element by
+// element by element_student_grad() / element_teacher_grad(). The element functions are templates over the value type, so the CPU kernel runs
 // them on at::vec::Vectorized lanes and the CUDA kernel on scalars; `Math` supplies exp and select.
 //
 // Maxima are tracked on the raw logits (not divided by T): exponents are (x - max) / T, which keeps
 // full precision at small T and large |logits|. Another divergence (reverse KL, JSD) adds its own
-// statistics next to the forward-KL ones (`w`) and its own lines in finalize() and element_grads().
+// statistics next to the forward-KL ones (`w`) and its own lines in finalize() and the element functions.
 #pragma once
 
 #include <cmath>
@@ -92,39 +92,6 @@ struct RowStats {
     sum_1 *= rescale_factor(max_s, new_max_s, acc_t(1));
     max_t = new_max_t;
     max_s = new_max_s;
-  }
-
-  // Associative merge of two partial rows (vocabulary chunks, threads, ranks).
-  FASTKD_HD void merge(const RowStats& o, acc_t inv_t) {
-    RowStats other = o;
-    const acc_t mt = nan_max(max_t, o.max_t);
-    const acc_t ms = nan_max(max_s, o.max_s);
-    rebase(mt, ms, inv_t);
-    other.rebase(mt, ms, inv_t);
-    sum_t += other.sum_t;
-    w += other.w;
-    sum_b += other.sum_b;
-    sum_1 += other.sum_1;
-    sum_s += other.sum_s;
-    max_d = nan_max(max_d, other.max_d);
-  }
-
-  // Adds one element (scalar online update; the vector paths add whole chunks instead).
-  FASTKD_HD void push(acc_t s, acc_t t, const LossParams& p) {
-    const acc_t inv_t = acc_t(p.inv_temperature);
-    rebase(p.has_soft ? nan_max(max_t, t) : max_t, nan_max(max_s, s), inv_t);
-    if (p.has_soft && max_t != neg_inf<acc_t>()) {
-      const acc_t et = std::exp((t - max_t) * inv_t);
-      sum_t += et;
-      if (et > acc_t(0)) w += et * ((t - s) * inv_t);
-      max_d = nan_max(max_d, (t - s) * inv_t);
-    }
-    if (max_s != neg_inf<acc_t>()) {
-      const acc_t eb = std::exp((s - max_s) * inv_t);
-      sum_b += eb;
-      sum_1 += p.unit_temperature ? eb : std::exp(s - max_s);
-    }
-    sum_s += s;
   }
 };
 
@@ -219,21 +186,13 @@ FASTKD_HD V integer_power(V x) {
 //   d/ds = soft_coef * (q - p) + hard_coef * r - uniform
 //   d/dt = soft_coef * p * (log p - log q - soft)
 // V is a scalar or a vector type; Math provides exp(V) and zero_where_zero(V p, V x) (x, or 0 where p == 0).
-// kPowT: the integer temperature (1, 2, 4) or 0 (true / false read as 1 / 0).
-template <class Math, bool kSoft, bool kHard, int kPowT, class V, class acc_t>
-FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out, V* q_out = nullptr) {
-  const V inv_t(c.inv_t);
-  V q(acc_t(0));
-  if constexpr (kSoft || kPowT != 0) q = Math::exp((s - V(c.max_s)) * inv_t) * V(c.inv_sum_b);
-  V g(acc_t(0));
-  if constexpr (kSoft) {
-    const V p = Math::exp((t - V(c.max_t)) * inv_t) * V(c.inv_sum_t);
-    g = V(c.soft_coef) * (q - p);
-    if (p_out != nullptr) *p_out = p;
-    if (q_out != nullptr) *q_out = q;
-  }
+// The student gradient takes q = softmax(s/T)_j and p = softmax(t/T)_j from exps the kernel already
+// holds. kPowT: the integer temperature (1, 2, 4) or 0.
+template <class Math, bool kHard, int kPowT, class V, class acc_t>
+FASTKD_HD V element_student_grad(V s, V q, V p, const RowCoeffs<acc_t>& c) {
+  V g = V(c.soft_coef) * (q - p);
   if constexpr (kHard) {
-    // exp(s - max) / sum_1, from q's exponential when T is an integer.
+    // r = exp(s - max) / sum_1, from q's exponential when T is an integer.
     const V r = (kPowT == 1)   ? q
                 : (kPowT != 0) ? integer_power<kPowT>(q * V(c.sum_b)) * V(c.inv_sum_1)
                                : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
@@ -242,7 +201,7 @@ FASTKD_HD V element_student_grad(V s, V t, const RowCoeffs<acc_t>& c, V* p_out, 
   return g;
 }
 
-// Teacher gradient from the p that element_student_grad computed. p == 0 (a -inf teacher logit)
+// Teacher gradient from p. p == 0 (a -inf teacher logit)
 // contributes exactly 0 instead of 0 * -inf; a NaN p stays NaN.
 template <class Math, class V, class acc_t>
 FASTKD_HD V element_teacher_grad(V s, V t, V p, const RowCoeffs<acc_t>& c) {

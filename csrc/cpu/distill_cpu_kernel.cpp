@@ -241,19 +241,6 @@ double gradient_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, const 
   using SM = ScalarMath<acc_t>;
   constexpr int64_t kW = V::size();
   const int64_t n_vec = n - n % kW;
-  const auto student_grad = [&](auto sv, auto tv, auto q, auto p, auto math) {
-    using W = decltype(q);
-    using M = decltype(math);
-    W g = W(c.soft_coef) * (q - p);
-    if constexpr (kHard) {
-      const W r = (kPowT == 1)   ? q
-                  : (kPowT != 0) ? integer_power<kPowT>(q * W(c.sum_b)) * W(c.inv_sum_1)
-                                 : M::exp(sv - W(c.max_s)) * W(c.inv_sum_1);
-      g = g + W(c.hard_coef) * r - W(c.uniform);
-    }
-    (void)tv;
-    return g;
-  };
   constexpr bool kNeedLogits = kTeacher || kRefine || (kHard && kPowT == 0);
   double refinement = 0;
   const V vq(q_scale), vp(p_scale);
@@ -265,7 +252,7 @@ double gradient_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, const 
       const V p = V::loadu(exp_t + i) * vp;
       const V sv = kNeedLogits ? V::loadu(s + i) : V(acc_t(0));
       const V tv = kNeedLogits ? V::loadu(t + i) : V(acc_t(0));
-      student_grad(sv, tv, q, p, VM{}).store(gs + i);
+      element_student_grad<VM, kHard, kPowT>(sv, q, p, c).store(gs + i);
       if constexpr (kTeacher) element_teacher_grad<VM>(sv, tv, p, c).store(gt + i);
       if constexpr (kRefine) part = part + element_kl_refinement<VM>(sv, tv, q, c);
     }
@@ -275,7 +262,7 @@ double gradient_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, const 
     const acc_t q = exp_s[i] * q_scale;
     const acc_t p = exp_t[i] * p_scale;
     const acc_t sv = kNeedLogits ? s[i] : acc_t(0);
-    gs[i] = student_grad(sv, acc_t(0), q, p, SM{});
+    gs[i] = element_student_grad<SM, kHard, kPowT>(sv, q, p, c);
     if constexpr (kTeacher) gt[i] = element_teacher_grad<SM>(s[i], t[i], p, c);
     if constexpr (kRefine) refinement += element_kl_refinement<SM>(s[i], t[i], q, c);
   }
