@@ -15,14 +15,6 @@ from fastkd.trainer import atomic_save, load_checkpoint
 IN, CLASSES = 10, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only slows a busy machine down
-    yield
-    torch.set_num_threads(threads)
-
-
 def dataset(n: int = 96) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, IN, generator=g)

@@ -17,16 +17,6 @@ from fastkd.trainer.metrics import read_csv
 IN, CLASSES = 12, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds synchronization, and on a busy 2-core machine
-    # it makes these tests many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_data(n: int = 128, seed: int = 0) -> TensorDataset:
     """A learnable problem: the class is the argmax of a fixed linear map of the inputs."""
     g = torch.Generator().manual_seed(seed)

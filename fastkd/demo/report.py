@@ -181,15 +181,7 @@ def plot_labels(report: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xticks(n, [str(v) for v in n])
     ax.xaxis.set_minor_locator(matplotlib_ticker().NullLocator())
-    ax.set_xlabel("labelled training examples")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits: student accuracy vs labelled examples")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, "labelled training examples", "digits: student accuracy vs labelled examples", path)
 
 
 def plot_temperature(report: dict[str, Any], path: Path) -> Path:
@@ -206,9 +198,15 @@ def plot_temperature(report: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xticks(t, [f"{v:g}" for v in t])
     ax.xaxis.set_minor_locator(matplotlib_ticker().NullLocator())
-    ax.set_xlabel("temperature T")
+    title = f"digits: distilled student vs T ({report['config']['n_labelled']} labels)"
+    return _finish(plt, fig, ax, "temperature T", title, path)
+
+
+def _finish(plt, fig, ax, xlabel: str, title: str, path: Path) -> Path:
+    """Labels, grid and legend shared by the demo's plots; writes the PNG and closes the figure."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"digits: distilled student vs T ({report['config']['n_labelled']} labels)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
