@@ -94,7 +94,6 @@ inline PreparedCall prepare_call(const at::Tensor& student, const at::Tensor& te
   // them truthfully; alpha only weighs them. The hard term needs a target.
   p.has_soft = true;
   p.has_hard = target.has_value();
-  p.unit_temperature = temperature == 1.0;
   p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;
   p.element_epsilon = call.float64 ? 1.2e-16 : 6e-8;
   return call;

@@ -41,7 +41,6 @@ struct LossParams {
   int64_t vocab = 0;
   bool has_soft = true;        // the KL term is computed (the teacher is read)
   bool has_hard = true;        // the cross-entropy term is computed (a target is given)
-  bool unit_temperature = false;  // T == 1: softmax(s / T) is softmax(s), one exp stream less
   // T when it is 1, 2 or 4, else 0: exp(s - max) = exp((s - max) / T)^T, a multiply or two instead
   // of a second exp stream.
   int integer_temperature = 0;
@@ -307,6 +306,25 @@ struct Exp2Sums {
     sum_1 += o.sum_1;
     sum_s += o.sum_s;
     max_d = std::fmax(max_d, o.max_d);
+  }
+
+  // The five sums as an array, for block and cluster reductions, and back.
+  FASTKD_HD void to_array(acc_t (&out)[5]) const {
+    out[0] = sum_t;
+    out[1] = w;
+    out[2] = sum_b;
+    out[3] = sum_1;
+    out[4] = sum_s;
+  }
+  FASTKD_HD static Exp2Sums from_array(const acc_t (&in)[5], acc_t max_d_value) {
+    Exp2Sums x;
+    x.sum_t = in[0];
+    x.w = in[1];
+    x.sum_b = in[2];
+    x.sum_1 = in[3];
+    x.sum_s = in[4];
+    x.max_d = max_d_value;
+    return x;
   }
 };
 

@@ -165,7 +165,6 @@ bool check(const Case& k, unsigned seed) {
   p.soft_weight = k.alpha * k.temperature * k.temperature;
   p.label_smoothing = k.eps;
   p.vocab = V;
-  p.unit_temperature = k.temperature == 1.0;
   p.integer_temperature = (k.temperature == 1.0 || k.temperature == 2.0 || k.temperature == 4.0) ? int(k.temperature) : 0;
   p.element_epsilon = sizeof(acc_t) == 8 ? 1.2e-16 : 6e-8;
   const Result want = reference(s, t, y, k);

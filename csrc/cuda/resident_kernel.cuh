@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
 #pragma unroll
     for (int i = 0; i < N; ++i) exp2_accumulate<M, kSoft, kHard, kTMode>(part, s[i], kSoft ? t[i] : acc_t(0), sh);
   }
-  acc_t sums[5] = {part.sum_t, part.w, part.sum_b, part.sum_1, part.sum_s};
+  acc_t sums[5];
+  part.to_array(sums);
   acc_t max_d[1] = {part.max_d};
   block_combine<false, 5>(sums, red_sum);
   block_combine<true, 1>(max_d, red_max + 2 * kMaxWarps);
@@ -138,13 +139,7 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
     }
     cluster_arrive();  // done reading the peers' shared memory; waited for below
   }
-  Exp2Sums<acc_t> x;
-  x.sum_t = sums[0];
-  x.w = sums[1];
-  x.sum_b = sums[2];
-  x.sum_1 = sums[3];
-  x.sum_s = sums[4];
-  x.max_d = max_d[0];
+  const Exp2Sums<acc_t> x = Exp2Sums<acc_t>::from_array(sums, max_d[0]);
   const FinishedRow<acc_t> fin = finish_row(a, row, x, mx[1], sh, s_target, rank == 0 && tid == 0);
   const Exp2Coeffs<acc_t>& c = fin.c;
   const bool refine = kSoft && c.refine;  // the same in every CTA of the cluster

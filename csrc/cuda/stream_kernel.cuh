@@ -97,7 +97,8 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
   }
   const Exp2Shifts<acc_t> sh = exp2_shifts<kTMode>(mx[0], mx[1], a.params);
   exp2_move<M>(o.x, o.max_t, o.max_s, o.sh, sh);
-  acc_t sums[5] = {o.x.sum_t, o.x.w, o.x.sum_b, o.x.sum_1, o.x.sum_s};
+  acc_t sums[5];
+  o.x.to_array(sums);
   acc_t max_d = o.x.max_d;
   if (k.warp_per_row) {
 #pragma unroll
@@ -109,13 +110,7 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
     block_combine<true, 1>(md, red_max + 2 * kMaxWarps);  // its own scratch: no barrier needed
     max_d = md[0];
   }
-  Exp2Sums<acc_t> x;
-  x.sum_t = sums[0];
-  x.w = sums[1];
-  x.sum_b = sums[2];
-  x.sum_1 = sums[3];
-  x.sum_s = sums[4];
-  x.max_d = max_d;
+  const Exp2Sums<acc_t> x = Exp2Sums<acc_t>::from_array(sums, max_d);
   const FinishedRow<acc_t> fin = finish_row(a, row, x, mx[1], sh, s_target, lane == 0);
   const Exp2Coeffs<acc_t>& c = fin.c;
 
