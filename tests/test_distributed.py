@@ -33,6 +33,33 @@ def _models(seed: int) -> tuple[nn.Module, nn.Module]:
     return teacher, student
 
 
+VOCAB, SEQ, N_SEQ = 9, 6, 24
+
+
+def _tokens() -> TensorDataset:
+    """Sequences whose supervised-token counts differ between the ranks' shards: the even ones (rank
+    0's under a DistributedSampler without shuffling) keep 2 labels, the odd ones all but random tails."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (N_SEQ, SEQ), generator=g)
+    labels = (ids * 2 + 1) % VOCAB
+    labels[::2, 2:] = -100
+    labels[1::2][torch.arange(SEQ) >= torch.randint(1, SEQ + 1, (N_SEQ // 2, 1), generator=g)] = -100
+    return TensorDataset(ids, labels)
+
+
+def _token_models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(3)
+    teacher = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB))
+    student = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB))
+    return teacher, student
+
+
+def _accumulating(grad_accum_steps: int) -> Distiller:
+    teacher, student = _token_models()
+    return Distiller(teacher, student, fastkd.DistillLoss(2.0, 0.5), torch.optim.SGD(student.parameters(), lr=1.0),
+                     grad_accum_steps=grad_accum_steps, device="cpu")
+
+
 def _distiller(seed: int) -> Distiller:
     teacher, student = _models(seed)
     return Distiller(teacher, student, fastkd.DistillLoss(2.0, 0.5),
@@ -60,8 +87,12 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.manual_seed(99 + rank)  # other RNG states, another default sampler seed
     d2 = _distiller(seed=50 + rank)
     d2.fit(train, 2, checkpoint_dir=os.path.join(tmp, "shared"), resume=True, progress=False)
+    # Accumulation across ranks: 12 sequences each, windows of 2 micro-batches of 4, then a leftover of 1.
+    acc = _accumulating(2)
+    acc.fit(DataLoader(_tokens(), batch_size=4), 1, progress=False)
     torch.save({"student": straight, "history": history, "eval": evaluated, "step": d.step,
-                "resumed": d2.student.state_dict(), "world": d.dist.world_size},
+                "resumed": d2.student.state_dict(), "world": d.dist.world_size,
+                "accumulated": acc.student.state_dict(), "accumulated_steps": acc.step},
                os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -116,3 +147,13 @@ def test_resume_under_ddp_matches_the_straight_run(two_ranks):
     for k in r0["student"]:
         assert torch.equal(r0["resumed"][k], r0["student"][k]), k
         assert torch.equal(r1["resumed"][k], r0["student"][k]), k
+
+
+def test_accumulation_across_ranks_is_the_per_token_mean_of_one_big_batch(two_ranks):
+    _, (r0, r1) = two_ranks
+    single = _accumulating(1)
+    single.fit(DataLoader(_tokens(), batch_size=16), 1, progress=False)  # the windows: 16 sequences, then 8
+    assert r0["accumulated_steps"] == single.step == 2
+    for k, v in single.student.state_dict().items():
+        torch.testing.assert_close(r0["accumulated"][k], v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r0["accumulated"][k], r1["accumulated"][k])

@@ -201,6 +201,75 @@ def test_grad_accumulation_equals_one_big_batch():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+def masked_tokens(n: int, length: int, vocab: int) -> TensorDataset:
+    """Token sequences whose supervised-token counts differ a lot between micro-batches of 4: random
+    padding lengths, and sequences 4-7 fully masked."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    labels = (ids + 1) % vocab
+    labels[torch.arange(length) >= torch.randint(0, length + 1, (n, 1), generator=g)] = -100
+    labels[4:8] = -100
+    labels[8:12, 1:] = -100
+    return TensorDataset(ids, labels)
+
+
+class CrossEntropy(nn.Module):
+    """A user's loss_fn that says how it reduces: a mean over the rows that have a label."""
+
+    reduction = "mean"
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(s.flatten(0, -2), y.flatten())
+
+
+@pytest.mark.parametrize("loss_fn", [fastkd.DistillLoss(2.0, 0.5), CrossEntropy()], ids=["DistillLoss", "user"])
+def test_grad_accumulation_is_the_per_token_mean_of_one_big_batch(loss_fn):
+    vocab = 11
+    ds = masked_tokens(24, 6, vocab)  # micro-batches of 4: a window of 4 and a leftover window of 2
+    teacher = SeqModel(vocab, 16, 0)
+    a, b = SeqModel(vocab, 8, 1), SeqModel(vocab, 8, 1)
+    da = Distiller(teacher, a, loss_fn, optimizer=torch.optim.SGD(a.parameters(), lr=1.0), grad_accum_steps=4,
+                   device="cpu")
+    db = Distiller(teacher, b, loss_fn, optimizer=torch.optim.SGD(b.parameters(), lr=1.0), device="cpu")
+    before = clone_state(a)
+    da.fit(DataLoader(ds, batch_size=4), 1, progress=False)
+    db.fit(DataLoader(ds, batch_size=16), 1, progress=False)  # the same two windows as single batches
+    assert da.step == db.step == 2
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v - before[k], b.state_dict()[k] - before[k], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accumulation_with_train_teacher_and_reduction_sum():
+    vocab = 11
+    ds = masked_tokens(24, 6, vocab)
+    runs = []
+    for batch_size, accum in ((4, 4), (16, 1)):
+        teacher, student = SeqModel(vocab, 16, 0), SeqModel(vocab, 8, 1)
+        opt = torch.optim.SGD([*teacher.parameters(), *student.parameters()], lr=0.1)
+        d = Distiller(teacher, student, fastkd.DistillLoss(2.0, 0.5, reduction="sum"), optimizer=opt,
+                      grad_accum_steps=accum, train_teacher=True, device="cpu")
+        d.fit(DataLoader(ds, batch_size=batch_size), 1, progress=False)
+        runs.append((teacher.state_dict(), student.state_dict()))
+    for one, big in zip(runs[0], runs[1], strict=True):
+        for k in one:
+            torch.testing.assert_close(one[k], big[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_loss_fn_without_reduction_weighs_micro_batches_equally_also_in_a_leftover_window():
+    ds = make_data(40)
+    teacher = make_teacher()
+    a, b = make_student(), make_student()
+    loss_fn = lambda s, t, y: nn.functional.cross_entropy(s, y)  # noqa: E731
+    da = Distiller(teacher, a, loss_fn, optimizer=torch.optim.SGD(a.parameters(), lr=0.5), grad_accum_steps=3,
+                   device="cpu")
+    db = Distiller(teacher, b, loss_fn, optimizer=torch.optim.SGD(b.parameters(), lr=0.5), device="cpu")
+    da.fit(DataLoader(ds, batch_size=8), 1, progress=False)  # windows of 3 and 2 micro-batches
+    db.fit(DataLoader(ds, batch_size=24), 1, progress=False)  # batches of 24 and 16
+    assert da.step == db.step == 2
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def test_leftover_micro_batches_are_stepped_at_the_end_of_the_epoch():
     d = Distiller(make_teacher(), make_student(), grad_accum_steps=3, device="cpu")
     d.fit(DataLoader(make_data(40), batch_size=8), 2, progress=False)  # 5 micro-batches: steps after 3 and 5

@@ -38,14 +38,18 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _END = object()
 
 
-def _lookahead(iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    """Yield (item, is_last): the last micro-batch of an epoch must flush gradient accumulation (and
-    sync DDP gradients) even for loaders without a length."""
-    it = iter(iterable)
-    nxt = next(it, _END)
-    while nxt is not _END:
-        item, nxt = nxt, next(it, _END)
-        yield item, nxt is _END
+def _windows(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive accumulation windows of ``size`` micro-batches (an epoch's last one may be shorter).
+    A window is fetched whole before its first forward: its loss is normalised by its supervised-row
+    count, which is known only once every target in it has been seen."""
+    window: list[Any] = []
+    for item in iterable:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 class Distiller:
@@ -67,7 +71,12 @@ class Distiller:
         device: defaults to ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
         amp: None, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a GradScaler).
         grad_accum_steps: micro-batches per optimizer step; an epoch's leftover micro-batches are
-            stepped at its end, so every checkpoint sits on a step boundary.
+            stepped at its end, so every checkpoint sits on a step boundary. A step's gradient is that
+            of one big batch of the window's micro-batches (every rank's, under torchrun): the loss is
+            normalised by the window's count of supervised rows (target != ignore_index) rather than
+            averaged over micro-batches. This needs ``loss_fn``'s ``reduction`` attribute (``"mean"``:
+            over the rows whose target is not ``ignore_index``, ``"batchmean"`` or ``"sum"``, as
+            DistillLoss has); a loss_fn without one has its micro-batches weigh the same.
         max_grad_norm: clip the gradient norm to this before each step.
         train_teacher: online (mutual) distillation: the teacher trains too, on the labels
             (cross-entropy) and on the distillation loss through the kernel's teacher gradient.
@@ -193,6 +202,44 @@ class Distiller:
     def ignore_index(self) -> int:
         return int(getattr(self.loss_fn, "ignore_index", -100))
 
+    @property
+    def reduction(self) -> str | None:
+        """How ``loss_fn`` reduces rows (its ``reduction`` attribute), None when it does not say."""
+        reduction = getattr(self.loss_fn, "reduction", None)
+        return reduction if reduction in ("mean", "batchmean", "sum") else None
+
+    # ------------------------------------------------------------------ accumulation windows
+    def _f64(self, value: float | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(value).to(self.device, torch.float64)
+
+    def _window_scales(self, window: list[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """For each micro-batch, the factor that turns its reduced loss into its share of the window's
+        loss as one big batch over every rank; and the all-reduced supervised-row count of the window
+        (the divisor of the teacher's cross-entropy row sums).
+
+        A "mean" loss is its row sum over its supervised rows, a "batchmean" one over its batch size:
+        each micro-batch is weighted by its own divisor over the window's. Micro-batches weigh the
+        same when the divisor is unknown: a loss_fn without a ``reduction`` attribute, or batches
+        without targets (their rows are counted only by the forward). DDP averages gradients over
+        ranks, hence the factor world_size."""
+        world = float(self.dist.world_size)
+        targets = [split_batch(b)[1] for b in window]
+        labelled = all(t is not None for t in targets)
+        supervised = [(t != self.ignore_index).sum() for t in targets if t is not None]
+        if not labelled or self.reduction is None:
+            units = [self._f64(1.0) for _ in window]
+        elif self.reduction == "batchmean":
+            units = [self._f64(t.shape[0] if t.dim() >= 1 else 1) for t in targets]
+        else:
+            units = [self._f64(n) for n in supervised]
+        totals = torch.stack([torch.stack(units).sum(), self._f64(sum(supervised, torch.zeros((), dtype=torch.long)))])
+        totals = distributed.all_reduce_sum(totals)  # every rank, every window: one small collective
+        if self.reduction == "sum":
+            scales = [self._f64(world) for _ in window]  # the window's sum is the sum of its parts
+        else:
+            scales = [u * world / totals[0].clamp(min=1.0) for u in units]
+        return scales, totals[1].clamp(min=1.0) / world
+
     # ------------------------------------------------------------------ one batch
     def _autocast(self):
         if self.amp is None:
@@ -228,16 +275,17 @@ class Distiller:
                 feat = feature_loss(self.feature_pairs, self._student_hooks, self._teacher_hooks)
             self._student_hooks.clear()
             self._teacher_hooks.clear()
-        total = loss if feat is None else loss + feat
+        teacher_ce = None
         if training and self.train_teacher and target is not None:
             # The teacher learns from the labels; the distillation loss adds the kernel's teacher gradient.
-            total = total + F.cross_entropy(
-                t_logits.float().reshape(-1, t_logits.shape[-1]), target.reshape(-1),
+            # A row sum: the caller divides it by the window's supervised-row count.
+            teacher_ce = F.cross_entropy(
+                t_logits.float().reshape(-1, t_logits.shape[-1]), target.reshape(-1), reduction="sum",
                 ignore_index=self.ignore_index, label_smoothing=float(getattr(self.loss_fn, "label_smoothing", 0.0)),
             )
         correct, counted = count_correct(s_logits, target, self.ignore_index)
-        rows = target.numel() if target is not None else s_logits.shape[:-1].numel()
-        return {"total": total, "loss": loss, "soft": soft, "hard": hard, "feature": feat,
+        rows = s_logits.shape[:-1].numel()
+        return {"loss": loss, "soft": soft, "hard": hard, "feature": feat, "teacher_ce": teacher_ce,
                 "correct": correct, "counted": counted, "rows": rows}
 
     def _check_logits(self, s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None) -> None:
@@ -517,29 +565,35 @@ class Distiller:
 
             total = len(loader) if hasattr(loader, "__len__") else None
             bar = tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False, dynamic_ncols=True)
-        micro = 0
         self.optimizer.zero_grad(set_to_none=True)
+        i = 0
         try:
-            for i, (batch, last) in enumerate(_lookahead(loader)):
-                micro += 1
-                sync = micro == self.grad_accum_steps or last
-                with contextlib.ExitStack() as stack:
-                    if not sync:  # accumulate locally; DDP all-reduces on the micro-batch that steps
-                        for m in (self._student_train, self._teacher_train):
-                            if hasattr(m, "no_sync"):
-                                stack.enter_context(m.no_sync())
-                    out = self._forward(batch, training=True)
-                    loss = out["total"] / self.grad_accum_steps
-                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                meter.update(out["rows"], out["loss"], out["soft"], out["hard"], out["feature"],
-                             out["correct"], out["counted"])
-                if sync:
-                    self._optimizer_step()
-                    micro = 0
-                if bar is not None:
-                    bar.update(1)
-                    if i % 10 == 0 or last:
-                        bar.set_postfix(_postfix(meter.peek()))
+            for window in _windows(loader, self.grad_accum_steps):
+                scales, ce_divisor = self._window_scales(window)
+                for j, batch in enumerate(window):
+                    sync = j == len(window) - 1
+                    with contextlib.ExitStack() as stack:
+                        if not sync:  # accumulate locally; DDP all-reduces on the micro-batch that steps
+                            for m in (self._student_train, self._teacher_train):
+                                if hasattr(m, "no_sync"):
+                                    stack.enter_context(m.no_sync())
+                        out = self._forward(batch, training=True)
+                        total = out["loss"] * scales[j].to(out["loss"].dtype)
+                        if out["feature"] is not None:  # a per-micro-batch mean: averaged over the window
+                            total = total + out["feature"] / len(window)
+                        if out["teacher_ce"] is not None:
+                            total = total + out["teacher_ce"] / ce_divisor.to(out["teacher_ce"].dtype)
+                        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+                    meter.update(out["rows"], out["loss"], out["soft"], out["hard"], out["feature"],
+                                 out["correct"], out["counted"])
+                    if bar is not None:
+                        bar.update(1)
+                        if i % 10 == 0:
+                            bar.set_postfix(_postfix(meter.peek()))
+                    i += 1
+                self._optimizer_step()
+            if bar is not None:
+                bar.set_postfix(_postfix(meter.peek()))
         finally:
             if bar is not None:
                 bar.close()
