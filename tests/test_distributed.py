@@ -89,10 +89,12 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     d2.fit(train, 2, checkpoint_dir=os.path.join(tmp, "shared"), resume=True, progress=False)
     # Accumulation across ranks: 12 sequences each, windows of 2 micro-batches of 4, then a leftover of 1.
     acc = _accumulating(2)
-    acc.fit(DataLoader(_tokens(), batch_size=4), 1, progress=False)
+    acc_history = acc.fit(DataLoader(_tokens(), batch_size=4), 1, progress=False)
+    acc_eval = acc.evaluate(DataLoader(_tokens(), batch_size=5))
     torch.save({"student": straight, "history": history, "eval": evaluated, "step": d.step,
                 "resumed": d2.student.state_dict(), "world": d.dist.world_size,
-                "accumulated": acc.student.state_dict(), "accumulated_steps": acc.step},
+                "accumulated": acc.student.state_dict(), "accumulated_steps": acc.step,
+                "accumulated_history": acc_history, "accumulated_eval": acc_eval},
                os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -152,8 +154,13 @@ def test_resume_under_ddp_matches_the_straight_run(two_ranks):
 def test_accumulation_across_ranks_is_the_per_token_mean_of_one_big_batch(two_ranks):
     _, (r0, r1) = two_ranks
     single = _accumulating(1)
-    single.fit(DataLoader(_tokens(), batch_size=16), 1, progress=False)  # the windows: 16 sequences, then 8
+    history = single.fit(DataLoader(_tokens(), batch_size=16), 1, progress=False)  # windows: 16 sequences, 8
     assert r0["accumulated_steps"] == single.step == 2
     for k, v in single.student.state_dict().items():
         torch.testing.assert_close(r0["accumulated"][k], v, rtol=1e-5, atol=1e-6)
         assert torch.equal(r0["accumulated"][k], r1["accumulated"][k])
+    # The logged loss and evaluate() are per-token means over every rank's rows.
+    assert r0["accumulated_history"][0]["train_loss"] == pytest.approx(history[0]["train_loss"], rel=1e-5)
+    evaluated = single.evaluate(DataLoader(_tokens(), batch_size=N_SEQ))
+    for key in ("loss", "soft", "hard", "accuracy"):
+        assert r0["accumulated_eval"][key] == pytest.approx(evaluated[key], rel=1e-5), key

@@ -93,6 +93,27 @@ def test_evaluate_matches_a_hand_computed_loss_and_accuracy():
     assert out["accuracy"] == pytest.approx((s.argmax(1) == y).float().mean().item())
 
 
+def test_evaluate_and_the_train_loss_are_per_token_means_over_the_whole_set():
+    vocab = 11
+    ds = masked_tokens(24, 6, vocab)  # batches of 4 with very different supervised counts, one fully masked
+    teacher, student = SeqModel(vocab, 16, 0), SeqModel(vocab, 8, 1)
+    loss_fn = fastkd.DistillLoss(2.0, 0.5)
+    ids, labels = ds.tensors
+    with torch.no_grad():
+        s, t = student(ids).logits, teacher(ids).logits
+    expected = loss_fn(s, t, labels, return_terms=True)  # the mean over every supervised token at once
+    d = Distiller(teacher, student, loss_fn, optimizer=torch.optim.SGD(student.parameters(), lr=0.0), device="cpu")
+    out = d.evaluate(DataLoader(ds, batch_size=4))
+    for key, value in zip(("loss", "soft", "hard"), expected, strict=True):
+        assert out[key] == pytest.approx(value.item(), rel=1e-5), key
+    history = d.fit(DataLoader(ds, batch_size=4), 1, progress=False)  # lr 0: the weights stay
+    assert history[0]["train_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert history[0]["train_hard"] == pytest.approx(expected.hard.item(), rel=1e-5)
+    # A fully masked set has no mean: NaN, not a made-up 0.
+    masked = TensorDataset(ids, torch.full_like(labels, -100))
+    assert math.isnan(d.evaluate(DataLoader(masked, batch_size=8))["loss"])
+
+
 class SeqModel(nn.Module):
     """A token model returning an object with .logits, taking input_ids and attention_mask."""
 

@@ -285,8 +285,19 @@ class Distiller:
             )
         correct, counted = count_correct(s_logits, target, self.ignore_index)
         rows = s_logits.shape[:-1].numel()
+        # Metrics are per-token means: row sums over supervised rows (all rows without a target).
+        items: torch.Tensor | int = (target != self.ignore_index).sum() if target is not None else rows
+        if self.reduction == "mean":
+            factor = items
+        elif self.reduction == "batchmean":
+            factor = s_logits.shape[0] if s_logits.dim() > 1 else 1
+        elif self.reduction == "sum":
+            factor = 1
+        else:  # a loss_fn that does not say how it reduces: its value stands for each of the batch's rows
+            factor = items = rows
         return {"loss": loss, "soft": soft, "hard": hard, "feature": feat, "teacher_ce": teacher_ce,
-                "correct": correct, "counted": counted, "rows": rows}
+                "correct": correct, "counted": counted, "rows": rows, "items": items,
+                "sums": [_row_sum(v, factor) for v in (loss, soft, hard)]}
 
     def _check_logits(self, s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None) -> None:
         if s.shape[-1] != t.shape[-1]:
@@ -433,8 +444,10 @@ class Distiller:
     @torch.no_grad()
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Loss (the training objective, without feature hints) and student top-1 accuracy on
-        ``loader``, plus the ``soft`` and ``hard`` terms when the loss reports them. Under torchrun
-        every rank evaluates its shard and the results are all-reduced.
+        ``loader``, plus the ``soft`` and ``hard`` terms when the loss reports them. The loss and its
+        terms are per-token means: the sum of the per-row losses over the count of supervised rows
+        (target != ignore_index), whatever the batch sizes and masks. Under torchrun every rank
+        evaluates its shard and the sums and counts are all-reduced.
 
         Evaluation leaves the RNG states as it found them (a DataLoader draws a seed from the global
         RNG each time it is iterated), so validating or not never changes a training run."""
@@ -446,8 +459,7 @@ class Distiller:
         rng = capture_rng_state()
         try:
             for batch in loader:
-                out = self._forward(batch, training=False)
-                meter.update(out["rows"], out["loss"], out["soft"], out["hard"], None, out["correct"], out["counted"])
+                meter.update(self._forward(batch, training=False))
         finally:
             restore_rng_state(rng)
             for m, mode in modes:
@@ -584,8 +596,7 @@ class Distiller:
                         if out["teacher_ce"] is not None:
                             total = total + out["teacher_ce"] / ce_divisor.to(out["teacher_ce"].dtype)
                         (self.scaler.scale(total) if self.scaler is not None else total).backward()
-                    meter.update(out["rows"], out["loss"], out["soft"], out["hard"], out["feature"],
-                                 out["correct"], out["counted"])
+                    meter.update(out)
                     if bar is not None:
                         bar.update(1)
                         if i % 10 == 0:
@@ -601,6 +612,15 @@ class Distiller:
         row = {f"train_{k}": v for k, v in stats.items()}
         row["time_s"] = time.perf_counter() - start
         return row
+
+
+def _row_sum(value: torch.Tensor | None, factor: torch.Tensor | int) -> torch.Tensor | None:
+    """A reduced loss times its divisor, detached; 0 (not NaN) for a batch without supervised rows."""
+    if value is None:
+        return None
+    v = value.detach().double()
+    f = torch.as_tensor(factor, dtype=torch.float64).to(v.device)
+    return torch.where(f > 0, v * f, torch.zeros_like(v))
 
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:

@@ -15,29 +15,30 @@ from fastkd.trainer import distributed
 
 
 class EpochMeter:
-    """Sums of per-batch metrics weighted by batch size, kept as device tensors so that the hot loop
-    never waits for the GPU; :meth:`compute` reduces them over ranks."""
-
-    NAMES = ("loss", "soft", "hard", "feature")
+    """Sums over an epoch's batches, kept as device tensors so that the hot loop never waits for the
+    GPU; :meth:`compute` reduces them over ranks. The loss and its terms are per-token means (row sums
+    over supervised rows), so neither batch sizes nor masked rows skew them; the feature loss, a
+    per-batch mean, is weighted by the batch's rows."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # loss, soft, hard, feature sums (weighted), rows, correct, counted, feature batches
+        # loss, soft, hard row sums, supervised rows, feature * rows, rows, correct, counted
         self.sums = torch.zeros(8, dtype=torch.float64, device=device)
         self.has = {"soft": False, "hard": False, "feature": False}
 
-    def update(self, n: int, loss: torch.Tensor, soft: torch.Tensor | None, hard: torch.Tensor | None,
-               feature: torch.Tensor | None, correct: torch.Tensor, counted: torch.Tensor) -> None:
-        vals = [loss.detach().double() * n]
-        for key, v in (("soft", soft), ("hard", hard), ("feature", feature)):
-            if v is not None:
-                self.has[key] = True
-                vals.append(v.detach().double() * n)
-            else:
-                vals.append(torch.zeros((), dtype=torch.float64, device=self.device))
-        vals += [torch.tensor(float(n), dtype=torch.float64, device=self.device), correct.double(), counted.double(),
-                 torch.ones((), dtype=torch.float64, device=self.device)]
-        self.sums += torch.stack([v.to(self.device) for v in vals])
+    def update(self, out: dict[str, Any]) -> None:
+        """Add one batch: ``sums`` (loss, soft, hard row sums, None for a term not reported),
+        ``items`` (supervised rows), ``feature``, ``rows``, ``correct`` and ``counted``."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss, soft, hard = out["sums"]
+        feature = out["feature"]
+        self.has["soft"] |= soft is not None
+        self.has["hard"] |= hard is not None
+        self.has["feature"] |= feature is not None
+        vals = [loss, soft, hard, out["items"], None if feature is None else feature.detach() * out["rows"],
+                out["rows"], out["correct"], out["counted"]]
+        self.sums += torch.stack([zero if v is None else torch.as_tensor(v).to(self.device, torch.float64)
+                                  for v in vals])
 
     def peek(self) -> dict[str, float]:
         """This rank's running averages, for the progress bar (one host sync)."""
@@ -48,11 +49,13 @@ class EpochMeter:
         return self._finish(distributed.all_reduce_sum(self.sums.clone()).tolist())
 
     def _finish(self, s: list[float]) -> dict[str, float]:
-        rows, correct, counted = s[4], s[5], s[6]
-        out = {"loss": s[0] / rows if rows else math.nan}
-        for i, key in enumerate(("soft", "hard", "feature"), start=1):
+        items, rows, correct, counted = s[3], s[5], s[6], s[7]
+        out = {"loss": s[0] / items if items else math.nan}
+        for i, key in ((1, "soft"), (2, "hard")):
             if self.has[key]:
-                out[key] = s[i] / rows if rows else math.nan
+                out[key] = s[i] / items if items else math.nan
+        if self.has["feature"]:
+            out["feature"] = s[4] / rows if rows else math.nan
         out["accuracy"] = correct / counted if counted else math.nan
         return out
 
