@@ -350,6 +350,29 @@ def test_feature_pairs_add_a_hint_loss_and_train_the_projector():
     assert d.step == 0
 
 
+def _hook_counts(*models: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) for model in models for m in model.modules()]
+
+
+def test_feature_hooks_are_removed_when_fit_returns_or_raises():
+    ds = make_data(32)
+    teacher, student = Hinted(32, 0), Hinted(8, 1)
+    clean = _hook_counts(teacher, student)
+    d = Distiller(teacher, student, feature_pairs=[("body", "body", nn.Linear(8, 32))], device="cpu")
+    assert _hook_counts(teacher, student) == clean  # none before fit either
+    history = d.fit(DataLoader(ds, batch_size=16), 1, progress=False)
+    assert _hook_counts(teacher, student) == clean
+    history = d.fit(DataLoader(ds, batch_size=16), 2, progress=False)  # a second fit hooks them again
+    assert math.isfinite(history[-1]["train_feature"])
+    assert _hook_counts(teacher, student) == clean
+    d.evaluate(DataLoader(ds, batch_size=16))
+    # A failing fit (the features' shapes differ) removes them too.
+    d = Distiller(teacher, student, feature_pairs=[("body", "body")], device="cpu")
+    with pytest.raises(ValueError, match="feature_pairs"):
+        d.fit(DataLoader(ds, batch_size=16), 1, progress=False)
+    assert _hook_counts(teacher, student) == clean
+
+
 def test_user_optimizer_without_projector_params_warns():
     student = Hinted(8, 1)
     with pytest.warns(UserWarning, match="projectors"):

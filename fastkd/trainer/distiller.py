@@ -30,7 +30,7 @@ from fastkd.trainer.checkpoint import (
     loader_generators,
     restore_rng_state,
 )
-from fastkd.trainer.features import FeatureHooks, FeaturePair, feature_loss, normalize_pairs
+from fastkd.trainer.features import FeatureHooks, FeaturePair, check_modules, feature_loss, normalize_pairs
 from fastkd.trainer.metrics import EpochMeter, MetricsLogger
 
 LossFn = Callable[..., "torch.Tensor | DistillTerms"]
@@ -139,10 +139,11 @@ class Distiller:
         self.projectors = nn.ModuleList(
             [p.projector for p in self.feature_pairs if p.projector is not None]
         ).to(self.device)
-        self._student_hooks = self._teacher_hooks = None
-        if self.feature_pairs:
-            self._student_hooks = FeatureHooks(self.student, [p.student for p in self.feature_pairs], "student")
-            self._teacher_hooks = FeatureHooks(self.teacher, [p.teacher for p in self.feature_pairs], "teacher")
+        # The hooks live only while fit() runs, so the user's models come back without them.
+        self._student_hooks: FeatureHooks | None = None
+        self._teacher_hooks: FeatureHooks | None = None
+        check_modules(self.student, [p.student for p in self.feature_pairs], "student")
+        check_modules(self.teacher, [p.teacher for p in self.feature_pairs], "teacher")
 
         self.optimizer = optimizer if optimizer is not None else torch.optim.Adam(self._trainable(), lr=1e-3)
         self._check_optimizer_covers_projectors()
@@ -270,7 +271,7 @@ class Distiller:
                 f"loss_fn must return a scalar loss, got {shape}; use reduction='mean', 'sum' or 'batchmean'"
             )
         feat = None
-        if self.feature_pairs:
+        if self._student_hooks is not None and self._teacher_hooks is not None:
             if training:
                 feat = feature_loss(self.feature_pairs, self._student_hooks, self._teacher_hooks)
             self._student_hooks.clear()
@@ -343,7 +344,19 @@ class Distiller:
             for g, s in zip(gens, gen_states, strict=True):
                 g.set_state(s)
 
+    def _attach_hooks(self) -> None:
+        if self.feature_pairs and self._student_hooks is None:
+            self._student_hooks = FeatureHooks(self.student, [p.student for p in self.feature_pairs], "student")
+            self._teacher_hooks = FeatureHooks(self.teacher, [p.teacher for p in self.feature_pairs], "teacher")
+
+    def _detach_hooks(self) -> None:
+        for hooks in (self._student_hooks, self._teacher_hooks):
+            if hooks is not None:
+                hooks.remove()
+        self._student_hooks = self._teacher_hooks = None
+
     def _forward_features_only(self, batch: Any) -> None:
+        assert self._student_hooks is not None and self._teacher_hooks is not None
         inputs, _ = split_batch(move_to(batch, self.device))
         with self._autocast():
             call_model(self.teacher, inputs)
@@ -516,6 +529,16 @@ class Distiller:
             self.data_seed = distributed.broadcast_object(int(torch.initial_seed()) % 2**31)
         loader = distributed.shard_train_loader(train_loader, self.dist, self.data_seed)
 
+        self._attach_hooks()
+        try:
+            return self._fit_loop(loader, train_loader, epochs, val_loader, ckpt_dir, log_dir, progress)
+        finally:
+            self._detach_hooks()
+
+    def _fit_loop(self, loader: Iterable[Any], train_loader: Iterable[Any], epochs: int,
+                  val_loader: Iterable[Any] | None, ckpt_dir: Path | None, log_dir: str | os.PathLike | None,
+                  progress: bool) -> list[dict[str, Any]]:
+        main = self.dist.is_main
         self._preflight(loader)
         self._wrap_ddp()
         logger = MetricsLogger(log_dir) if (log_dir is not None and main) else None

@@ -58,21 +58,32 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"a hooked module returned {type(output).__name__}, not a tensor")
 
 
+def _submodule(model: nn.Module, name: str, which: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        known = [n for n, _ in model.named_modules() if n][:20]
+        raise ValueError(f"feature_pairs: the {which} has no submodule {name!r}; some of its modules: {known}") from e
+
+
+def check_modules(model: nn.Module, names: list[str], which: str) -> None:
+    """Fail now, naming the module, when ``model`` lacks one of ``names``."""
+    for name in names:
+        _submodule(model, name, which)
+
+
 class FeatureHooks:
-    """Forward hooks that keep the latest output of each named module."""
+    """Forward hooks that keep the latest output of each named module, until :meth:`remove`."""
 
     def __init__(self, model: nn.Module, names: list[str], which: str) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for name in dict.fromkeys(names):
-            try:
-                module = model.get_submodule(name)
-            except AttributeError as e:
-                known = [n for n, _ in model.named_modules() if n][:20]
-                raise ValueError(
-                    f"feature_pairs: the {which} has no submodule {name!r}; some of its modules: {known}"
-                ) from e
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for name in dict.fromkeys(names):
+                self._handles.append(_submodule(model, name, which).register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self.remove()
+            raise
 
     def _make_hook(self, name: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
