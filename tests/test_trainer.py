@@ -158,6 +158,56 @@ def test_dict_batches_and_logits_objects():
     assert out["accuracy"] == pytest.approx(((pred == batch["labels"]) & valid).sum().item() / valid.sum().item())
 
 
+def test_shift_labels_scores_position_i_against_label_i_plus_1():
+    vocab = 11
+    ds = masked_tokens(8, 6, vocab)
+    ids, labels = ds.tensors
+    loss_fn = fastkd.DistillLoss(2.0, 0.5)
+    teacher, student, by_hand = SeqModel(vocab, 16, 0), SeqModel(vocab, 8, 1), SeqModel(vocab, 8, 1)
+    with torch.no_grad():
+        t = teacher(ids).logits
+    s = by_hand(ids).logits
+    expected = loss_fn(s[:, :-1], t[:, :-1], labels[:, 1:])
+    d = Distiller(teacher, student, loss_fn, optimizer=torch.optim.SGD(student.parameters(), lr=1.0),
+                  shift_labels=True, device="cpu")
+    out = d.evaluate(DataLoader(ds, batch_size=3))
+    assert out["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    valid = labels[:, 1:] != -100
+    hits = (s[:, :-1].argmax(-1) == labels[:, 1:]) & valid
+    assert out["accuracy"] == pytest.approx(hits.sum().item() / valid.sum().item())
+    # One SGD step (lr 1) over the whole set moves the weights by minus the shifted loss's gradient.
+    expected.backward()
+    d.fit(DataLoader(ds, batch_size=8), 1, progress=False)
+    for (name, p), q in zip(student.named_parameters(), by_hand.parameters(), strict=True):
+        torch.testing.assert_close(p, q.detach() - q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Logits without a sequence dimension cannot be shifted.
+    d = Distiller(make_teacher(), make_student(), shift_labels=True, device="cpu")
+    with pytest.raises(ValueError, match=r"shift_labels=True needs \(batch, sequence, vocab\) logits"):
+        d.evaluate(DataLoader(make_data(8), batch_size=8))
+
+
+def test_trim_teacher_vocab_distills_over_the_students_vocabulary():
+    vocab, padded = 11, 16
+    ds = masked_tokens(8, 6, vocab)
+    ids, labels = ds.tensors
+    loss_fn = fastkd.DistillLoss(2.0, 0.5)
+    teacher, student = SeqModel(padded, 16, 0), SeqModel(vocab, 8, 1)
+    d = Distiller(teacher, student, loss_fn, trim_teacher_vocab=True, device="cpu")
+    with torch.no_grad():
+        expected = loss_fn(student(ids).logits, teacher(ids).logits[..., :vocab], labels)
+    assert d.evaluate(DataLoader(ds, batch_size=3))["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    history = d.fit(DataLoader(ds, batch_size=4), 2, progress=False)
+    assert all(math.isfinite(h["train_loss"]) for h in history)
+    # Without the option a padded teacher is an error that names it ...
+    d = Distiller(SeqModel(padded, 16, 0), SeqModel(vocab, 8, 1), loss_fn, device="cpu")
+    with pytest.raises(ValueError, match="teacher predicts 16 classes but the student predicts 11.*trim_teacher_vocab=True"):
+        d.fit(DataLoader(ds, batch_size=4), 1, progress=False)
+    # ... and a student with more outputs than the teacher is one with the option too.
+    d = Distiller(SeqModel(vocab, 16, 0), SeqModel(padded, 8, 1), loss_fn, trim_teacher_vocab=True, device="cpu")
+    with pytest.raises(ValueError, match="teacher predicts 11 classes but the student predicts 16.*cannot add"):
+        d.fit(DataLoader(ds, batch_size=4), 1, progress=False)
+
+
 def test_class_count_mismatch_is_a_clear_error_before_training():
     ds = make_data(64)
     student = make_student(CLASSES)

@@ -61,7 +61,8 @@ class Distiller:
 
     Args:
         teacher: the trained ("hot") model. Its weights are left alone unless ``train_teacher``.
-        student: the model to train. Must predict the same number of classes as the teacher.
+        student: the model to train. Must predict the same number of classes as the teacher (see
+            ``trim_teacher_vocab``).
         loss_fn: defaults to ``DistillLoss(temperature=4.0, alpha=0.9)``; any callable
             ``(student_logits, teacher_logits, target) -> loss or DistillTerms`` works.
         optimizer: defaults to Adam (lr 1e-3) over the trainable parameters (student, projectors,
@@ -83,6 +84,13 @@ class Distiller:
         feature_pairs: hint losses, a list of :class:`FeaturePair` or tuples
             ``(student_module, teacher_module[, projector[, weight]])``.
         scheduler_interval: ``"epoch"`` or ``"step"``.
+        shift_labels: causal language models: the logits at position i are scored against the label
+            at position i + 1 (``logits[..., :-1, :]`` against ``labels[..., 1:]``, as Hugging Face
+            transformers does), for the loss, the accuracy and the supervised-token counts. Needs
+            ``(batch, sequence, vocab)`` logits.
+        trim_teacher_vocab: a teacher whose output layer is padded beyond the student's vocabulary
+            (e.g. rounded up to a multiple of 64) is distilled over its first ``V_student`` logits
+            (a view, no copy). Off by default, so that a class-count mismatch stays an error.
 
     Under ``torchrun`` the student (and a trained teacher) is wrapped in DistributedDataParallel, the
     training loader is re-sharded with a DistributedSampler, metrics are all-reduced, and only rank 0
@@ -104,6 +112,8 @@ class Distiller:
         train_teacher: bool = False,
         feature_pairs: Iterable[Any] | None = None,
         scheduler_interval: str = "epoch",
+        shift_labels: bool = False,
+        trim_teacher_vocab: bool = False,
     ) -> None:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
@@ -133,6 +143,8 @@ class Distiller:
         self.loss_fn = loss_fn if loss_fn is not None else DistillLoss(temperature=4.0, alpha=0.9)
         self.amp = amp
         self.grad_accum_steps = grad_accum_steps
+        self.shift_labels = bool(shift_labels)
+        self.trim_teacher_vocab = bool(trim_teacher_vocab)
         self.max_grad_norm = max_grad_norm
         self.train_teacher = bool(train_teacher)
         self.feature_pairs: list[FeaturePair] = normalize_pairs(feature_pairs)
@@ -224,7 +236,7 @@ class Distiller:
         without targets (their rows are counted only by the forward). DDP averages gradients over
         ranks, hence the factor world_size."""
         world = float(self.dist.world_size)
-        targets = [split_batch(b)[1] for b in window]
+        targets = [self._shift(split_batch(b)[1]) for b in window]
         labelled = all(t is not None for t in targets)
         supervised = [(t != self.ignore_index).sum() for t in targets if t is not None]
         if not labelled or self.reduction is None:
@@ -258,7 +270,7 @@ class Distiller:
                 with torch.no_grad():
                     t_logits = get_logits(call_model(self.teacher, inputs), "teacher")
             s_logits = get_logits(call_model(student, inputs), "student")
-        self._check_logits(s_logits, t_logits, target)
+        s_logits, t_logits, target = self._align(s_logits, t_logits, target)
         out = self.loss_fn(s_logits, t_logits, target, return_terms=True) if isinstance(
             self.loss_fn, DistillLoss) else self.loss_fn(s_logits, t_logits, target)
         if isinstance(out, DistillTerms):
@@ -300,14 +312,45 @@ class Distiller:
                 "correct": correct, "counted": counted, "rows": rows, "items": items,
                 "sums": [_row_sum(v, factor) for v in (loss, soft, hard)]}
 
-    def _check_logits(self, s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None) -> None:
-        if s.shape[-1] != t.shape[-1]:
-            n_t, n_s = t.shape[-1], s.shape[-1]
+    def _align(
+        self, s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Check the logits and the target against each other, then apply ``trim_teacher_vocab`` and
+        ``shift_labels``; returns what the loss sees."""
+        n_t, n_s = t.shape[-1], s.shape[-1]
+        if n_t > n_s and self.trim_teacher_vocab:
+            t = t[..., :n_s]  # a view: the padded outputs are never read
+        elif n_t != n_s:
+            shapes = f"(teacher logits {tuple(t.shape)}, student logits {tuple(s.shape)})"
+            if n_t < n_s:
+                hint = (f"give the student a {n_t}-way output layer (trim_teacher_vocab only drops teacher "
+                        "outputs beyond the student's; it cannot add any)")
+            else:
+                hint = (f"if the teacher's extra outputs are padding of its vocabulary (e.g. rounded up to a "
+                        f"multiple of 64), pass trim_teacher_vocab=True to distill over its first {n_s}; "
+                        f"otherwise give the student a {n_t}-way output layer")
             raise ValueError(
-                f"the teacher predicts {n_t} classes but the student predicts {n_s} (teacher logits "
-                f"{tuple(t.shape)}, student logits {tuple(s.shape)}): distillation needs both models to "
-                f"output the same classes; give the student a {n_t}-way output layer"
+                f"the teacher predicts {n_t} classes but the student predicts {n_s} {shapes}: distillation "
+                f"needs both models to output the same classes; {hint}"
             )
+        self._check_logits(s, t, target)
+        if self.shift_labels:
+            if s.dim() < 3:
+                raise ValueError(
+                    f"shift_labels=True needs (batch, sequence, vocab) logits, got student logits {tuple(s.shape)}"
+                )
+            # Position i predicts token i + 1: the last position has no label, the first label no logits.
+            s, t = s[..., :-1, :], t[..., :-1, :]
+            target = self._shift(target)
+        return s, t, target
+
+    def _shift(self, target: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels the loss sees: ``target[..., 1:]`` with ``shift_labels``."""
+        if self.shift_labels and target is not None and target.dim() >= 2:
+            return target[..., 1:]
+        return target
+
+    def _check_logits(self, s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None) -> None:
         if s.shape != t.shape:
             raise ValueError(
                 f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape"
