@@ -6,17 +6,29 @@ import json
 import pytest
 
 from fastkd.bench import main
-from fastkd.bench.config import QUICK_SHAPE, make_cases, parse_shapes
+from fastkd.bench.config import QUICK_SHAPE, make_cases, parse_options, parse_shapes
 
 
-def test_quick_benchmark_runs_and_reports(capsys):
-    """The default path: the case runs in its own process."""
-    rc = main(["--quick", "--no-save", "--no-compile", "--device", "cpu", "--repeats", "2"])
+def test_quick_benchmark_runs_and_reports(capsys, tmp_path, monkeypatch):
+    """The default path: the case runs in its own process; a smoke run writes to bench-output/, never
+    over the recorded benchmarks/results/."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--quick", "--no-compile", "--device", "cpu", "--repeats", "2", "--machine", "smoke"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "fastkd" in out and "reference eager" in out
     assert f"{QUICK_SHAPE[0]}x{QUICK_SHAPE[1]}" in out
     assert "MISMATCH" not in out
+    assert (tmp_path / "bench-output" / "smoke.json").is_file()
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def test_only_a_full_grid_run_writes_to_the_recorded_results_by_default():
+    assert parse_options(["--device", "cpu"]).results_dir == "benchmarks/results"
+    for argv in (["--quick"], ["--shapes", "64x1000"], ["--dtypes", "bf16"]):
+        assert parse_options(["--device", "cpu", *argv]).results_dir == "bench-output", argv
+    for flag in ("--out", "--results-dir"):
+        assert parse_options(["--device", "cpu", "--quick", flag, "here"]).results_dir == "here"
 
 
 def test_results_files_are_written(tmp_path):

@@ -16,6 +16,9 @@ SWEEP_V = 128256
 SWEEP_DTYPE = "bf16"
 QUICK_SHAPE = (512, 8192)
 HBM_PEAK_GBPS = 4300.0  # H200 HBM3e
+# The full grid's results are committed; smoke and partial runs go where they cannot overwrite them.
+RESULTS_DIR = "benchmarks/results"
+SCRATCH_DIR = "bench-output"
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-gbps", type=float, default=None,
                    help=f"memory roofline in GB/s (default {HBM_PEAK_GBPS:g} on CUDA; on the CPU a "
                    "measured copy bandwidth)")
-    p.add_argument("--results-dir", default="benchmarks/results")
+    p.add_argument("--out", "--results-dir", dest="results_dir", default=None,
+                   help=f"where the JSON, markdown and plot go (default: {RESULTS_DIR} for the full grid; "
+                   f"{SCRATCH_DIR} for --quick, --shapes or --dtypes runs, so they never overwrite the "
+                   "recorded results)")
     p.add_argument("--machine", default=None, help="results file name (default: derived from the machine)")
     p.add_argument("--no-save", dest="save", action="store_false", help="print only, write no files")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -143,6 +149,11 @@ def make_cases(device: str, shapes, dtypes, sweep: bool | None, quick: bool) -> 
     return list(cases.values())
 
 
+def default_results_dir(quick: bool, shapes: object, dtypes: object) -> str:
+    """The recorded results directory for a full-grid run, a scratch one for anything smaller."""
+    return SCRATCH_DIR if quick or shapes is not None or dtypes is not None else RESULTS_DIR
+
+
 def parse_options(argv: list[str] | None) -> Options:
     """Parse ``argv`` (``sys.argv[1:]`` when None) into :class:`Options`; raises SystemExit on bad input."""
     import sys
@@ -165,6 +176,6 @@ def parse_options(argv: list[str] | None) -> Options:
         repeats=repeats, warmup=max(warmup, 1), compile=a.compile, liger=a.liger and device == "cuda",
         temperature=a.temperature, alpha=a.alpha, ignore_frac=a.ignore_frac, seed=a.seed,
         peak_gbps=a.peak_gbps if a.peak_gbps is not None else (HBM_PEAK_GBPS if device == "cuda" else None),
-        results_dir=a.results_dir, machine=a.machine, save=a.save, quick=a.quick, isolate=a.isolate,
+        results_dir=a.results_dir or default_results_dir(a.quick, a.shapes, a.dtypes), machine=a.machine, save=a.save, quick=a.quick, isolate=a.isolate,
         argv=argv,
     )
