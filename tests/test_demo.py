@@ -10,6 +10,7 @@ import fastkd
 from fastkd.demo import DemoConfig, run_demo
 from fastkd.demo.data import UNLABELLED, labelled_subset, load_digits, transfer_targets
 from fastkd.demo.losses import TransferSetLoss
+from fastkd.demo.report import speed_phrase
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -56,6 +57,21 @@ def test_transfer_set_loss_keeps_the_soft_term_of_unlabelled_rows():
     assert none.loss.item() == pytest.approx(0.8 * soft, rel=1e-5) and none.hard.item() == 0.0
 
 
+def _timing(median: float, p25: float, p75: float, key: str = "latency") -> dict[str, float]:
+    return {f"{key}_ms": median, f"{key}_p25_ms": p25, f"{key}_p75_ms": p75}
+
+
+def test_a_speed_up_is_claimed_only_above_timing_noise():
+    teacher = _timing(0.114, 0.110, 0.120)
+    assert speed_phrase(teacher, _timing(0.022, 0.021, 0.024), "latency", "one image") == "one image 5.2x faster"
+    # Medians 1.04x apart with overlapping quartiles: noise, whatever the ratio of the medians says.
+    same = speed_phrase(_timing(0.023, 0.021, 0.026), _timing(0.022, 0.020, 0.025), "latency", "one image")
+    assert same.startswith("one image as fast as the teacher within timing noise") and "x faster" not in same
+    # Clearly apart but by less than 10 %: not worth a ratio either.
+    assert "within timing noise" in speed_phrase(_timing(1.05, 1.04, 1.06), _timing(1.0, 0.99, 1.01), "latency", "x")
+    assert speed_phrase(_timing(1.0, 0.9, 1.1), _timing(3.0, 2.9, 3.1), "latency", "x") == "x 3.0x slower"
+
+
 def test_presets_and_seeds():
     full, quick = DemoConfig.preset(), DemoConfig.preset(quick=True)
     assert quick.seeds >= 2 and quick.student_epochs < full.student_epochs and len(quick.n_sweep) < len(full.n_sweep)
@@ -70,16 +86,17 @@ def test_small_demo_run_writes_the_report_and_distillation_wins(tmp_path):
     report = run_demo(tmp_path, config=cfg, progress=False)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["gain_points"] == pytest.approx(report["gain_points"])
-    for key in ("teacher", "student_scratch", "student_distilled"):
+    for key in ("teacher", "student_hard_labels", "student_distilled"):
         entry = on_disk[key]
         for field in ("accuracy_mean", "accuracy_std", "params", "size_kb", "latency_ms"):
             assert isinstance(entry[field], (int, float)) and entry[field] >= 0, (key, field)
         assert entry["seeds"] == 2 and 0 < entry["accuracy_mean"] <= 1
-    teacher, scratch, distilled = on_disk["teacher"], on_disk["student_scratch"], on_disk["student_distilled"]
-    assert scratch["params"] == distilled["params"] < teacher["params"] / 10
-    assert scratch["size_kb"] < teacher["size_kb"]
+    teacher, hard, distilled = on_disk["teacher"], on_disk["student_hard_labels"], on_disk["student_distilled"]
+    assert hard["params"] == distilled["params"] < teacher["params"] / 10
+    assert hard["size_kb"] < teacher["size_kb"]
+    assert hard["latency_p25_ms"] <= hard["latency_ms"] <= hard["latency_p75_ms"]
     # Hinton et al.'s result, even in this short run: soft targets beat hard labels by > 2 points.
-    assert 100 * (distilled["accuracy_mean"] - scratch["accuracy_mean"]) >= 2.0
+    assert 100 * (distilled["accuracy_mean"] - hard["accuracy_mean"]) >= 2.0
     assert teacher["accuracy_mean"] > 0.9
     assert [r["n_labelled"] for r in on_disk["sweep_n_labelled"]] == [20, 100]
     assert [r["temperature"] for r in on_disk["sweep_temperature"]] == [1.0, 4.0]
@@ -87,5 +104,7 @@ def test_small_demo_run_writes_the_report_and_distillation_wins(tmp_path):
     assert len(on_disk["runs"]) == 2 * 4 + 3 + 2
     md = (tmp_path / "report.md").read_text()
     assert "| student, distilled (transfer set) | 2,410 |" in md and "points** of mean test accuracy" in md
+    assert "scratch" not in md  # one name for the hard-label student: "hard labels only"
+    assert "it answers one image " in md and "and the whole test set " in md
     for name in ("accuracy_vs_labels.png", "accuracy_vs_temperature.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG

@@ -468,6 +468,22 @@ def test_log_dir_gets_csv_and_curves_and_progress_bars_run(tmp_path, capsys):
     assert "epochs" in err and "loss=" in err and "acc=" in err  # tqdm bars with loss / accuracy postfix
 
 
+def test_curves_have_whole_epoch_ticks():
+    import matplotlib.pyplot as plt
+
+    from fastkd.trainer.plots import history_figure
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5 + 0.1 * e} for e in (1, 2, 3)]
+    fig = history_figure(history)
+    try:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
+
+
 def test_tensorboard_is_used_when_importable(tmp_path, monkeypatch):
     import sys
     import types

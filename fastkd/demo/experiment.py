@@ -1,5 +1,5 @@
 """The demo's experiment: a teacher trained on the full training split, and the same small student
-trained on a few labelled examples, (a) on the hard labels alone ("scratch") and (b) with the
+trained on a few labelled examples, (a) on the hard labels alone ("hard_labels") and (b) with the
 teacher's soft targets on the whole training split as transfer set ("distilled"), over several
 seeds, numbers of labels and temperatures. Every model is trained by :class:`fastkd.Distiller`."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastkd.demo.models import NoTeacher, make_student, make_teacher
 from fastkd.loss import DistillLoss
 from fastkd.trainer import Distiller, distributed
 
-STUDENT_KINDS = ("scratch", "distilled", "distilled_labelled_only")
+STUDENT_KINDS = ("hard_labels", "distilled", "distilled_labelled_only")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class DemoConfig:
 class Run:
     """One trained model and its test accuracy."""
 
-    kind: str  # "teacher", "scratch", "distilled", "distilled_labelled_only"
+    kind: str  # "teacher", "hard_labels", "distilled", "distilled_labelled_only"
     seed: int
     n_labelled: int | None
     temperature: float | None
@@ -137,13 +137,13 @@ class Experiment:
 
     def student(self, kind: str, seed: int, n_labelled: int, temperature: float | None = None) -> Run:
         """Train a fresh student (the same initialization for every kind at a given seed) on
-        ``n_labelled`` labelled examples: ``scratch`` on their labels, ``distilled`` with the
+        ``n_labelled`` labelled examples: ``hard_labels`` on their labels, ``distilled`` with the
         teacher's soft targets on the whole training split, ``distilled_labelled_only`` with soft
         targets on the labelled examples alone."""
         cfg, d = self.cfg, self.data
         labelled = labelled_subset(d.y_train, n_labelled, seed)
         temperature = cfg.temperature if temperature is None else temperature
-        if kind == "scratch":
+        if kind == "hard_labels":
             teacher, loss_fn = NoTeacher(), DistillLoss(alpha=0.0)
             idx = _repeat_to(labelled, len(d.y_train))
             x, y = d.x_train[idx], d.y_train[idx]
@@ -160,7 +160,7 @@ class Experiment:
         model = make_student(cfg.student_hidden)
         acc, train_s = self._fit(teacher, model, loss_fn, _loader(x, y, cfg.batch_size, shuffle=True),
                                  cfg.student_epochs, cfg.lr)
-        temp = None if kind == "scratch" else temperature
+        temp = None if kind == "hard_labels" else temperature
         return self._done(Run(kind, seed, n_labelled, temp, acc, train_s, model))
 
     def planned_runs(self) -> int:

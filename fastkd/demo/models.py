@@ -49,8 +49,9 @@ def size_kb(model: nn.Module) -> float:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 200) -> float:
-    """Median wall time of one forward pass on ``x``, in milliseconds, after a warm-up."""
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 200) -> dict[str, float]:
+    """Wall time of one forward pass on ``x`` after a warm-up, in milliseconds: the ``median`` and the
+    quartiles ``p25`` / ``p75`` of ``repeats`` passes (how noisy the median is)."""
     was_training = model.training
     model.eval()
     for _ in range(10):
@@ -59,6 +60,7 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 200) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         model(x)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) * 1e3)
     model.train(was_training)
-    return statistics.median(times) * 1e3
+    p25, median, p75 = statistics.quantiles(times, n=4)
+    return {"median": median, "p25": p25, "p75": p75}

@@ -25,11 +25,13 @@ def _sizes(runs: list[Run], x_test: torch.Tensor) -> dict[str, dict[str, float]]
         model = next(r.model for r in runs if r.kind == kind and r.model is not None)
         arch = "teacher" if kind == "teacher" else "student"
         if arch not in measured:
+            one, batch = latency_ms(model, x_test[:1], repeats=500), latency_ms(model, x_test, repeats=100)
             measured[arch] = {
                 "params": count_params(model),
                 "size_kb": size_kb(model),
-                "latency_ms": latency_ms(model, x_test[:1], repeats=500),
-                "batch_latency_ms": latency_ms(model, x_test, repeats=100),
+                "latency_ms": one["median"], "latency_p25_ms": one["p25"], "latency_p75_ms": one["p75"],
+                "batch_latency_ms": batch["median"], "batch_latency_p25_ms": batch["p25"],
+                "batch_latency_p75_ms": batch["p75"],
             }
         out[key] = dict(measured[arch])
     return out

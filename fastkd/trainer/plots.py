@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _pyplot():
@@ -21,6 +24,17 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, title: 
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig = history_figure(history, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def history_figure(history: list[dict[str, Any]], title: str | None = None) -> Figure:
+    """The matplotlib figure of :func:`plot_history` (the caller closes it)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
     epochs = [row["epoch"] for row in history]
 
     def series(key: str) -> list[float] | None:
@@ -45,9 +59,9 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, title: 
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_title("accuracy")
     ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 tick
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
