@@ -10,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "distill_row.h"
+#include "divergence_row.h"
 
 namespace fastkd {
 
@@ -23,6 +23,35 @@ inline Reduction parse_reduction(c10::string_view name) {
   if (name == "none") return Reduction::None;
   TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'batchmean', 'none', got '",
                     std::string(name), "'");
+}
+
+inline DivergenceParams parse_divergence(c10::string_view name, double beta) {
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0 && beta <= 1, "beta must be in [0, 1], got ", beta);
+  DivergenceParams d;
+  d.beta = beta;
+  d.one_minus_beta = 1.0 - beta;
+  if (name == "forward_kl") {
+    d.kind = Divergence::ForwardKL;
+  } else if (name == "reverse_kl") {
+    d.kind = Divergence::ReverseKL;
+  } else if (name == "jsd") {
+    // The endpoints are the two KL directions, not the mixture's limit 0 (TRL GKD / Liger convention).
+    d.kind = beta == 0 ? Divergence::ForwardKL : beta == 1 ? Divergence::ReverseKL : Divergence::JSD;
+  } else if (name == "tvd") {
+    d.kind = Divergence::TVD;
+  } else if (name == "skew_forward_kl" || name == "skew_reverse_kl") {
+    TORCH_CHECK_VALUE(beta < 1, "beta must be in [0, 1) for ", std::string(name), ", got ", beta);
+    const bool forward = name == "skew_forward_kl";
+    if (beta == 0) {
+      d.kind = forward ? Divergence::ForwardKL : Divergence::ReverseKL;
+    } else {
+      d.kind = forward ? Divergence::SkewForwardKL : Divergence::SkewReverseKL;
+    }
+  } else {
+    TORCH_CHECK_VALUE(false, "divergence must be one of 'forward_kl', 'reverse_kl', 'jsd', 'tvd', "
+                             "'skew_forward_kl', 'skew_reverse_kl', got '", std::string(name), "'");
+  }
+  return d;
 }
 
 // Everything a backend needs to launch, derived once from the op's arguments.
@@ -86,12 +115,85 @@ inline PreparedCall prepare_call(const at::Tensor& student, const at::Tensor& te
 
   LossParams& p = call.params;
   p.inv_temperature = 1.0 / temperature;
-  p.alpha = alpha;
+  p.hard_weight = 1.0 - alpha;
   p.soft_weight = alpha * (scale_by_temperature_squared ? temperature * temperature : 1.0);
   p.label_smoothing = label_smoothing;
   p.vocab = call.vocab;
   // Both terms are computed whenever they are defined, even at weight 0, so return_terms reports
   // them truthfully; alpha only weighs them. The hard term needs a target.
+  p.has_soft = true;
+  p.has_hard = target.has_value();
+  p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;
+  p.element_epsilon = call.float64 ? 1.2e-16 : 6e-8;
+  return call;
+}
+
+}  // namespace fastkd
+
+namespace fastkd {
+
+using RowsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// fastkd::distill_rows, checked and derived once. The weights are read by the backend (on its device).
+struct RowsCall {
+  LossParams params;
+  DivergenceParams divergence;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  bool float64 = false;
+};
+
+inline RowsCall prepare_rows_call(const at::Tensor& student, const at::Tensor& teacher,
+                                  const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& soft_mask,
+                                  const at::Tensor& weights, double temperature, int64_t ignore_index,
+                                  double label_smoothing, c10::string_view divergence, double beta) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::distill_rows: student_logits must be 2-D (rows, vocab), got ",
+                    student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fastkd::distill_rows: teacher_logits shape ",
+                    teacher.sizes(), " differs from student_logits shape ", student.sizes());
+  TORCH_CHECK(teacher.device() == student.device(), "fastkd::distill_rows: teacher_logits is on ", teacher.device(),
+              " but student_logits is on ", student.device());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "fastkd::distill_rows: the vocabulary (last dim) is empty");
+  for (const at::Tensor* x : {&student, &teacher}) {
+    const auto dt = x->scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+                     "fastkd::distill_rows: logits must be float32, bfloat16, float16 or float64, got ", dt);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "fastkd::distill_rows: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1,
+                    "fastkd::distill_rows: label_smoothing must be in [0, 1), got ", label_smoothing);
+  TORCH_CHECK_VALUE(weights.numel() == 2 && weights.is_floating_point(),
+                    "fastkd::distill_rows: weights must hold 2 floats (soft, hard), got ", weights.sizes());
+  TORCH_CHECK(weights.device() == student.device(), "fastkd::distill_rows: weights is on ", weights.device(),
+              " but student_logits is on ", student.device());
+  if (target.has_value()) {
+    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == student.size(0),
+                      "fastkd::distill_rows: target must have shape (", student.size(0), "), got ", target->sizes());
+    TORCH_CHECK_TYPE(!at::isFloatingType(target->scalar_type()) && !at::isComplexType(target->scalar_type()) &&
+                         target->scalar_type() != at::kBool,
+                     "fastkd::distill_rows: target must be an integer tensor, got ", target->scalar_type());
+    TORCH_CHECK(target->device() == student.device(), "fastkd::distill_rows: target is on ", target->device(),
+                " but student_logits is on ", student.device());
+  }
+  if (soft_mask.has_value()) {
+    TORCH_CHECK_VALUE(soft_mask->dim() == 1 && soft_mask->size(0) == student.size(0),
+                      "fastkd::distill_rows: soft_mask must have shape (", student.size(0), "), got ",
+                      soft_mask->sizes());
+    TORCH_CHECK_TYPE(soft_mask->scalar_type() == at::kBool, "fastkd::distill_rows: soft_mask must be bool, got ",
+                     soft_mask->scalar_type());
+    TORCH_CHECK(soft_mask->device() == student.device(), "fastkd::distill_rows: soft_mask is on ",
+                soft_mask->device(), " but student_logits is on ", student.device());
+  }
+  RowsCall call;
+  call.divergence = parse_divergence(divergence, beta);
+  call.rows = student.size(0);
+  call.vocab = student.size(1);
+  call.float64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  LossParams& p = call.params;
+  p.inv_temperature = 1.0 / temperature;
+  p.label_smoothing = label_smoothing;
+  p.vocab = call.vocab;
   p.has_soft = true;
   p.has_hard = target.has_value();
   p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;

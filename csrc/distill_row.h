@@ -35,8 +35,8 @@ enum class Reduction : int { None = 0, Mean = 1, Sum = 2, BatchMean = 3 };
 // The scalar knobs of the loss, fixed for a whole call (plain data: shared by every ISA build).
 struct LossParams {
   double inv_temperature = 1.0;
-  double alpha = 0.5;          // weight of the soft (distillation) term
-  double soft_weight = 0.5;    // alpha * (T^2 if scale_by_temperature_squared else 1)
+  double soft_weight = 0.5;    // weight of the soft term in a row's loss: alpha * c (times a normaliser)
+  double hard_weight = 0.5;    // weight of the hard term: 1 - alpha (times a normaliser)
   double label_smoothing = 0.0;
   int64_t vocab = 0;
   bool has_soft = true;        // the KL term is computed (the teacher is read)
@@ -141,7 +141,7 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
       out.hard += eps * (lse_minus_max + st.max_s - st.sum_s / acc_t(p.vocab));
     }
   }
-  out.loss = acc_t(p.soft_weight) * out.soft + acc_t(1.0 - p.alpha) * out.hard;
+  out.loss = acc_t(p.soft_weight) * out.soft + acc_t(p.hard_weight) * out.hard;
   if (coeffs != nullptr) {
     RowCoeffs<acc_t>& c = *coeffs;
     c.max_t = st.max_t;
@@ -152,7 +152,7 @@ FASTKD_HD RowLoss<acc_t> finalize(const RowStats<acc_t>& st, acc_t s_target, con
     c.inv_sum_1 = acc_t(1) / st.sum_1;
     c.sum_b = st.sum_b;
     c.soft_coef = p.has_soft ? acc_t(p.soft_weight) * inv_t * grad_scale : acc_t(0);
-    c.hard_coef = p.has_hard ? acc_t(1.0 - p.alpha) * grad_scale : acc_t(0);
+    c.hard_coef = p.has_hard ? acc_t(p.hard_weight) * grad_scale : acc_t(0);
     c.uniform = c.hard_coef * acc_t(p.label_smoothing) / acc_t(p.vocab);
     c.target_coef = c.hard_coef * (acc_t(1) - acc_t(p.label_smoothing));
     // log p_j - log q_j = d_j - (lse_a - lse_b) = d_j - mu + KL, so log p - log q - KL = d_j - mu.
@@ -187,16 +187,20 @@ FASTKD_HD V integer_power(V x) {
 // V is a scalar or a vector type; Math provides exp(V) and zero_where_zero(V p, V x) (x, or 0 where p == 0).
 // The student gradient takes q = softmax(s/T)_j and p = softmax(t/T)_j from exps the kernel already
 // holds. kPowT: the integer temperature (1, 2, 4) or 0.
+// The hard term's share of one element's student gradient, hard_coef * r - uniform, with
+// r = exp(s - max) / sum_1 taken from q's exponential when T is an integer (kPowT 1, 2, 4).
+template <class Math, int kPowT, class V, class acc_t>
+FASTKD_HD V element_hard_grad(V s, V q, const RowCoeffs<acc_t>& c) {
+  const V r = (kPowT == 1)   ? q
+              : (kPowT != 0) ? integer_power<kPowT>(q * V(c.sum_b)) * V(c.inv_sum_1)
+                             : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
+  return V(c.hard_coef) * r - V(c.uniform);
+}
+
 template <class Math, bool kHard, int kPowT, class V, class acc_t>
 FASTKD_HD V element_student_grad(V s, V q, V p, const RowCoeffs<acc_t>& c) {
   V g = V(c.soft_coef) * (q - p);
-  if constexpr (kHard) {
-    // r = exp(s - max) / sum_1, from q's exponential when T is an integer.
-    const V r = (kPowT == 1)   ? q
-                : (kPowT != 0) ? integer_power<kPowT>(q * V(c.sum_b)) * V(c.inv_sum_1)
-                               : Math::exp(s - V(c.max_s)) * V(c.inv_sum_1);
-    g = g + V(c.hard_coef) * r - V(c.uniform);
-  }
+  if constexpr (kHard) g = g + element_hard_grad<Math, kPowT>(s, q, c);
   return g;
 }
 
@@ -225,7 +229,7 @@ template <class acc_t>
 FASTKD_HD void refine_soft(RowLoss<acc_t>& loss, acc_t refinement_sum, const LossParams& p) {
   if (!(refinement_sum > acc_t(-0.5))) return;
   loss.soft = -std::log1p(refinement_sum);
-  loss.loss = acc_t(p.soft_weight) * loss.soft + acc_t(1.0 - p.alpha) * loss.hard;
+  loss.loss = acc_t(p.soft_weight) * loss.soft + acc_t(p.hard_weight) * loss.hard;
 }
 
 // ---------------------------------------------------------------- exp2 form

@@ -9,6 +9,15 @@ TORCH_LIBRARY(fastkd, m) {
       "int ignore_index, float label_smoothing, bool scale_by_temperature_squared, str reduction, "
       "int batch_size, bool student_grad, bool teacher_grad) "
       "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_teacher)");
+  // Per-row terms of any divergence, masked: soft_i for rows in S (soft_mask, or the rows with a target),
+  // hard_i for rows with a target, and loss_i = weights[0] * soft_i + weights[1] * hard_i. When asked,
+  // the gradients of sum_i loss_i with respect to both logits, multiplied by grad_scale (a power of
+  // two, 1 except for float16 gradients). The caller reduces and normalises through `weights`.
+  m.def(
+      "distill_rows(Tensor student, Tensor teacher, Tensor? target, Tensor? soft_mask, Tensor weights, "
+      "float temperature, int ignore_index, float label_smoothing, str divergence, float beta, "
+      "bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_teacher, Tensor grad_scale)");
   // grad *= grad_output in place: grad_output is a scalar, or one value per row of grad.
   // A grad_output of exactly 1 leaves grad untouched without a pass over it.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");

@@ -36,18 +36,40 @@ def distill_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     scale_by_temperature_squared: bool = True,
+    divergence: str = "forward_kl",
+    beta: float | None = None,
+    soft_mask: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
     return_terms: bool = False,
 ) -> torch.Tensor | DistillTerms:
     """Knowledge-distillation loss, forward and gradient in one fused pass over the logits.
 
-    ``loss = alpha * c * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, target)`` per row
-    (the leading dimensions of the logits are rows), with ``c = T**2`` when
-    ``scale_by_temperature_squared`` (Hinton et al.), reduced over rows by ``reduction``: ``"mean"``
-    over rows whose target is not ``ignore_index``, ``"sum"``, ``"batchmean"`` (divided by
-    ``student_logits.shape[0]``) or ``"none"``. Masked rows contribute exactly 0 to both terms.
+    Per row (the leading dimensions of the logits are rows), with p = softmax(t / T) (teacher) and
+    q = softmax(s / T) (student)::
+
+        loss_i = alpha * c * D(p, q) * [i in S] + (1 - alpha) * CE(s_i, target_i) * [i in H]
+
+    ``c = T**2`` when ``scale_by_temperature_squared`` (Hinton et al. 2015). H: rows whose target is not
+    ``ignore_index``; S: the rows of ``soft_mask`` when given, else H (every row when there is no
+    target). D is ``divergence`` (docs/spec.md):
+
+    - ``"forward_kl"``: KL(p || q) (Hinton et al. 2015).
+    - ``"reverse_kl"``: KL(q || p) (MiniLLM, Gu et al. 2024).
+    - ``"jsd"``: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, beta in [0, 1],
+      default 0.5; beta = 0 is KL(p || q) and beta = 1 is KL(q || p) (GKD, Agarwal et al. 2024; TRL and
+      Liger-Kernel's convention).
+    - ``"tvd"``: total variation distance, 1/2 sum |p - q|.
+    - ``"skew_forward_kl"``: KL(p || beta p + (1 - beta) q), beta in [0, 1), default 0.1 (DistiLLM,
+      Ko et al. 2024); ``"skew_reverse_kl"``: KL(q || beta q + (1 - beta) p).
+
+    Reduced over rows by ``reduction``: ``"mean"`` (the soft terms over |S|, the hard ones over |H|; 0
+    when empty), ``"sum"``, ``"batchmean"`` (divided by ``student_logits.shape[0]``) or ``"none"``.
+    With ``num_items_in_batch`` (``"mean"`` only) the loss is sum_i loss_i / num_items_in_batch, one
+    divisor for both terms: Hugging Face's normalisation for gradient accumulation over micro-batches.
 
     Args:
-        student_logits: ``(..., V)`` float32 / bfloat16 / float16 (float64 on the CPU).
+        student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64. Any row stride: a vocabulary
+            slice ``x[..., :V]`` of wider logits is read in place, not copied.
         teacher_logits: same shape; its dtype may differ. Gets a gradient when it requires one
             (online / mutual distillation).
         target: ``(...)`` integer class indices or ``ignore_index``; optional only when ``alpha == 1``.
@@ -57,28 +79,120 @@ def distill_loss(
         reduction: ``"mean"``, ``"sum"``, ``"batchmean"`` or ``"none"``.
         label_smoothing: epsilon of the hard term, in [0, 1), as in ``torch.nn.CrossEntropyLoss``.
         scale_by_temperature_squared: multiply the soft term by T**2.
+        divergence: one of the names above.
+        beta: the divergence's mixing weight (``jsd``, ``skew_*``); None for its default.
+        soft_mask: ``(...)`` bool, rows whose soft term counts (e.g. unlabelled transfer rows).
+        num_items_in_batch: int or 0-d tensor > 0, the global count of supervised rows.
         return_terms: return ``DistillTerms(loss, soft, hard)`` (same reduction; the terms are
             detached, for logging) instead of the loss alone.
 
     Returns:
         The loss (float32, or float64 for float64 logits), or ``DistillTerms``.
+
+    Raises:
+        TypeError, ValueError: bad arguments, named, before any kernel runs. IndexError: a target
+            outside [0, V) that is not ``ignore_index`` (CPU; a device-side assert on CUDA).
     """
-    check_distill_args(student_logits, teacher_logits, target, temperature, alpha, label_smoothing, reduction)
+    resolved_beta = check_distill_args(
+        student_logits, teacher_logits, target, temperature, alpha, label_smoothing, reduction,
+        divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
+    )
     kwargs = dict(
         temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, scale_by_temperature_squared=scale_by_temperature_squared,
+        divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
     device = student_logits.device
-    if not has_kernel(device):
-        if device.type not in _warned_devices:
-            _warned_devices.add(device.type)
-            warnings.warn(
-                f"fastkd has no kernel for device '{device.type}' in this build; using the plain PyTorch "
-                "loss (fastkd.reference), which is slower and holds more memory",
-                RuntimeWarning, stacklevel=2,
-            )
-        return reference.distill_loss(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
+    if _has_rows_kernel_for(device.type):
+        return _fused_rows(
+            student_logits, teacher_logits, target, return_terms=return_terms, **{**kwargs, "beta": resolved_beta}
+        )
+    if has_kernel(device) and divergence == "forward_kl" and soft_mask is None and num_items_in_batch is None:
+        return _fused_forward_kl(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
+    if device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(
+            f"fastkd has no kernel for this loss on device '{device.type}' in this build; using the plain "
+            "PyTorch loss (fastkd.reference), which is slower and holds more memory",
+            RuntimeWarning, stacklevel=2,
+        )
+    return reference.distill_loss(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
 
+
+@torch.compiler.assume_constant_result  # a fact of the build: torch.compile need not trace it
+def _has_rows_kernel_for(device_type: str) -> bool:
+    if device_type == "meta":
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_rows", key)
+
+
+def _row_weights(
+    rows: torch.Tensor, target: torch.Tensor | None, soft_mask: torch.Tensor | None, *, alpha: float,
+    soft_scale: float, ignore_index: int, reduction: str, batch: int,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
+    """The kernel's (soft, hard) weights and the normalisers of the two terms, as tensors on the
+    logits' device where they depend on the data (no host sync)."""
+    soft_norm: torch.Tensor | float
+    hard_norm: torch.Tensor | float
+    if reduction == "mean" and num_items_in_batch is not None:
+        count = torch.as_tensor(num_items_in_batch, device=rows.device).to(torch.float64)
+        soft_norm = hard_norm = 1.0 / count
+    elif reduction == "mean":
+        hard_rows = (target != ignore_index).sum() if target is not None else None
+        soft_rows = soft_mask.sum() if soft_mask is not None else hard_rows
+        hard_norm = 1.0 / hard_rows.clamp(min=1).to(torch.float64) if hard_rows is not None else 1.0
+        soft_norm = 1.0 / soft_rows.clamp(min=1).to(torch.float64) if soft_rows is not None else 1.0 / max(
+            rows.shape[0], 1)
+    elif reduction == "batchmean":
+        soft_norm = hard_norm = 1.0 / batch
+    else:
+        soft_norm = hard_norm = 1.0
+    soft_w = alpha * soft_scale * soft_norm
+    hard_w = (1.0 - alpha) * hard_norm
+    weights = torch.stack([torch.as_tensor(soft_w, dtype=torch.float64, device=rows.device),
+                           torch.as_tensor(hard_w, dtype=torch.float64, device=rows.device)])
+    return weights, soft_norm, hard_norm
+
+
+def _fused_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, *,
+    temperature: float, alpha: float, ignore_index: int, reduction: str, label_smoothing: float,
+    scale_by_temperature_squared: bool, divergence: str, beta: float, soft_mask: torch.Tensor | None,
+    num_items_in_batch: int | torch.Tensor | None, return_terms: bool,
+) -> torch.Tensor | DistillTerms:
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, vocab)  # a view where it can be: strided rows are read in place
+    t = teacher_logits.reshape(-1, vocab)
+    y = None if target is None else target.reshape(-1)
+    mask = None if soft_mask is None else soft_mask.reshape(-1)
+    weights, soft_norm, hard_norm = _row_weights(
+        s, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
+        ignore_index=ignore_index, reduction="none" if reduction == "none" else reduction,
+        batch=student_logits.shape[0] if student_logits.dim() > 1 else 1, num_items_in_batch=num_items_in_batch,
+    )
+    grad_on = torch.is_grad_enabled()
+    loss_rows, soft_rows, hard_rows, *_ = ops.distill_rows(
+        s, t, y, mask, weights, float(temperature), int(ignore_index), float(label_smoothing), divergence,
+        float(beta), grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad,
+    )
+    if reduction == "none":
+        terms = DistillTerms(loss_rows.reshape(lead), soft_rows.reshape(lead), hard_rows.reshape(lead))
+    else:
+        loss = loss_rows.sum()
+        terms = DistillTerms(loss, (soft_rows.sum() * soft_norm).to(loss.dtype),
+                             (hard_rows.sum() * hard_norm).to(loss.dtype))
+    return terms if return_terms else terms.loss
+
+
+def _fused_forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, *,
+    temperature: float, alpha: float, ignore_index: int, reduction: str, label_smoothing: float,
+    scale_by_temperature_squared: bool, return_terms: bool, **_unused,
+) -> torch.Tensor | DistillTerms:
+    """The CUDA forward-KL kernel (its op reduces inside; no soft_mask or num_items_in_batch)."""
     vocab = student_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
     loss, soft, hard, _, _ = ops.distill_forward(

@@ -8,6 +8,7 @@ import torch
 from fastkd import _C  # noqa: F401  (registers torch.ops.fastkd)
 
 distill_forward = torch.ops.fastkd.distill_forward
+distill_rows = torch.ops.fastkd.distill_rows
 scale_grad_ = torch.ops.fastkd.scale_grad_
 
 
@@ -22,6 +23,19 @@ def _distill_forward_fake(
     grad_s = student.new_empty(student.shape if student_grad else (0,))
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
     return (*terms, grad_s, grad_t)
+
+
+@torch.library.register_fake("fastkd::distill_rows")
+def _distill_rows_fake(
+    student, teacher, target, soft_mask, weights, temperature, ignore_index, label_smoothing, divergence, beta,
+    student_grad, teacher_grad,
+):
+    loss_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    rows = [student.new_empty((student.shape[0],), dtype=loss_dtype) for _ in range(3)]
+    grad_s = student.new_empty(student.shape if student_grad else (0,))
+    grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+    grad_scale = student.new_empty((), dtype=torch.float32)
+    return (*rows, grad_s, grad_t, grad_scale)
 
 
 @torch.library.register_fake("fastkd::scale_grad_")
@@ -81,3 +95,65 @@ def _backward(ctx, grad_loss, _grad_soft, _grad_hard, _grad_gs, _grad_gt):
 
 
 torch.library.register_autograd("fastkd::distill_forward", _backward, setup_context=_setup_context)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Carries a gradient out of a create_graph=True backward, and refuses to be differentiated: the
+    fused gradient is a closed form with no graph of its own, so a penalty built on it would otherwise
+    be silently constant."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            "fastkd.distill_loss does not support double backward (a gradient of its gradient, "
+            "create_graph=True); use fastkd.reference.distill_loss for that"
+        )
+
+
+def _rows_setup_context(ctx, inputs, output) -> None:
+    _, soft, hard, grad_s, grad_t, grad_scale = output
+    ctx.mark_non_differentiable(soft, hard, grad_s, grad_t, grad_scale)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_s, grad_t, grad_scale)
+
+
+def _row_factor(grad_rows: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """grad_output per row over the stored gradient's pre-scale; one value when every row's is the
+    same (the loss was summed), so the gradient is scaled by a scalar (or not touched when it is 1)."""
+    if grad_rows.dim() == 1 and grad_rows.shape[0] > 0 and grad_rows.stride(0) == 0:
+        grad_rows = grad_rows[:1].reshape(())
+    return grad_rows.float() / grad_scale if grad_scale.dtype != grad_rows.dtype else grad_rows / grad_scale
+
+
+def _rows_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _ggt, _gscale):
+    grad_s, grad_t, grad_scale = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 12
+    factor = _row_factor(grad_loss, grad_scale)
+    in_place = _reuse_saved_gradient_in_place(grad_s)
+    d_student = d_teacher = None
+    if ctx.needs_input_grad[0] and grad_s.numel() > 0:
+        d_student = _scaled_rows(grad_s, factor, in_place)
+    if ctx.needs_input_grad[1] and grad_t.numel() > 0:
+        d_teacher = _scaled_rows(grad_t, factor, in_place)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        d_student = None if d_student is None else _NoDoubleBackward.apply(d_student)
+        d_teacher = None if d_teacher is None else _NoDoubleBackward.apply(d_teacher)
+    return (d_student, d_teacher) + (None,) * 10
+
+
+def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
+    if in_place:
+        scale_grad_(grad, factor)
+        return grad
+    # The factor stays float32 (a 0-d or per-row tensor): rounding it to the gradient's dtype first
+    # would add an error of its own.
+    scaled = grad.float() * (factor.reshape(-1, 1) if factor.dim() == 1 else factor)
+    return scaled.to(grad.dtype)
+
+
+torch.library.register_autograd("fastkd::distill_rows", _rows_backward, setup_context=_rows_setup_context)

@@ -161,7 +161,7 @@ bool check(const Case& k, unsigned seed) {
   const int y = V / 2;
   LossParams p;
   p.inv_temperature = 1.0 / k.temperature;
-  p.alpha = k.alpha;
+  p.hard_weight = 1 - k.alpha;
   p.soft_weight = k.alpha * k.temperature * k.temperature;
   p.label_smoothing = k.eps;
   p.vocab = V;

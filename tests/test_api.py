@@ -53,8 +53,9 @@ def test_cpu_kernel_is_registered():
 def test_fallback_to_reference_warns_once(monkeypatch):
     s, t, y = make_inputs((4, 30))
     monkeypatch.setattr(functional, "_has_kernel_for", lambda device_type: False)
+    monkeypatch.setattr(functional, "_has_rows_kernel_for", lambda device_type: False)
     monkeypatch.setattr(functional, "_warned_devices", set())
-    with pytest.warns(RuntimeWarning, match="no kernel for device 'cpu'"):
+    with pytest.warns(RuntimeWarning, match="no kernel for this loss on device 'cpu'"):
         got = fastkd.distill_loss(s, t, y, temperature=2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

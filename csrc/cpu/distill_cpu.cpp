@@ -4,6 +4,8 @@
 #include <ATen/native/DispatchStub.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/distill_cpu_kernel.h"
@@ -83,6 +85,8 @@ ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& 
   RowsArgs args;
   args.student = s.const_data_ptr();
   args.teacher = t.const_data_ptr();
+  args.student_row_stride = call.vocab;
+  args.teacher_row_stride = call.vocab;
   args.student_dtype = s.scalar_type();
   args.teacher_dtype = t.scalar_type();
   args.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
@@ -108,6 +112,87 @@ ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& 
           reduce_rows(row_hard, call.reduction, scale, loss_dtype), grad_s, grad_t};
 }
 
+at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dtype) {
+  at::Tensor out = at::empty({int64_t(rows.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(rows.begin(), rows.end(), out.data_ptr<double>());
+  return dtype == at::kDouble ? out : out.to(dtype);
+}
+
+// Logits as the kernel reads them: unit stride along the vocabulary, any row stride (a vocabulary
+// slice is not copied). float64 pairs widen the other side.
+at::Tensor kernel_view(const at::Tensor& x, bool float64) {
+  at::Tensor v = x.stride(1) == 1 && x.stride(0) >= 0 ? x : x.contiguous();
+  return float64 && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
+}
+
+// Power of two that the fp16 gradient is stored multiplied by, so that entries of a loss normalised by
+// many rows are not flushed to zero before backward multiplies by grad_output (under GradScaler,
+// ~2^16): it brings the largest possible entry near 2^12. 1 for other dtypes.
+double fp16_prescale(bool fp16, double soft_weight, double hard_weight, double inv_t, const DivergenceParams& d) {
+  if (!fp16) return 1.0;
+  const double bound = std::fabs(soft_weight) * inv_t * divergence_gradient_bound(d) + 2 * std::fabs(hard_weight);
+  if (!(bound > 0) || !std::isfinite(bound)) return 1.0;
+  const int exponent = std::clamp(int(std::floor(std::log2(4096.0 / bound))), -24, 40);
+  return std::ldexp(1.0, exponent);
+}
+
+RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& soft_mask,
+                             const at::Tensor& weights, double temperature, int64_t ignore_index,
+                             double label_smoothing, c10::string_view divergence, double beta, bool student_grad,
+                             bool teacher_grad) {
+  const RowsCall call = prepare_rows_call(student, teacher, target, soft_mask, weights, temperature, ignore_index,
+                                          label_smoothing, divergence, beta);
+  const at::Tensor s = kernel_view(student, call.float64);
+  const at::Tensor t = kernel_view(teacher, call.float64);
+  at::Tensor y;
+  if (target.has_value()) {
+    y = target->to(at::kLong).contiguous();
+    count_unmasked_rows(y, call.vocab, ignore_index);
+  }
+  at::Tensor mask = soft_mask.has_value() ? soft_mask->contiguous() : at::Tensor();
+  const at::Tensor w = weights.to(at::kDouble).contiguous();
+  LossParams params = call.params;
+  params.soft_weight = w.const_data_ptr<double>()[0];
+  params.hard_weight = w.const_data_ptr<double>()[1];
+
+  at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad ? empty_gradient(t.sizes(), t.scalar_type()) : at::empty({0}, teacher.options());
+  const bool fp16 = (student_grad && student.scalar_type() == at::kHalf) ||
+                    (teacher_grad && teacher.scalar_type() == at::kHalf);
+  const double prescale =
+      fp16_prescale(fp16, params.soft_weight, params.hard_weight, params.inv_temperature, call.divergence);
+
+  std::vector<double> row_loss(call.rows), row_soft(call.rows), row_hard(call.rows);
+  RowsArgs args;
+  args.student = s.const_data_ptr();
+  args.teacher = t.const_data_ptr();
+  args.student_row_stride = s.stride(0);
+  args.teacher_row_stride = t.stride(0);
+  args.student_dtype = s.scalar_type();
+  args.teacher_dtype = t.scalar_type();
+  args.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
+  args.ignore_index = ignore_index;
+  args.soft_mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  args.divergence = call.divergence;
+  args.rows = call.rows;
+  args.vocab = call.vocab;
+  args.params = params;
+  args.grad_scale = prescale;
+  args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
+  args.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
+  args.row_loss = row_loss.data();
+  args.row_soft = row_soft.data();
+  args.row_hard = row_hard.data();
+  if (call.rows > 0) select_kernel()(args);
+
+  if (student_grad && grad_s.scalar_type() != student.scalar_type()) grad_s = grad_s.to(student.scalar_type());
+  if (teacher_grad && grad_t.scalar_type() != teacher.scalar_type()) grad_t = grad_t.to(teacher.scalar_type());
+  const at::ScalarType loss_dtype = call.float64 ? at::kDouble : at::kFloat;
+  return {rows_tensor(row_loss, loss_dtype), rows_tensor(row_soft, loss_dtype), rows_tensor(row_hard, loss_dtype),
+          grad_s, grad_t, at::scalar_tensor(prescale, at::TensorOptions().dtype(at::kFloat))};
+}
+
 void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_output) {
   if (grad_output.numel() == 1) {
     if (grad_output.item<double>() == 1.0) return;  // the usual loss.backward(): nothing to do
@@ -116,13 +201,15 @@ void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_output) {
   }
   TORCH_CHECK_VALUE(grad_output.numel() == grad.size(0), "fastkd::scale_grad_: grad_output has ",
                     grad_output.numel(), " values for ", grad.size(0), " rows");
-  grad.mul_(grad_output.reshape({grad.size(0), 1}).to(grad.scalar_type()));
+  // In the factor's own precision: rounding it to a float16 gradient's dtype first adds an error.
+  grad.mul_(grad_output.reshape({grad.size(0), 1}));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("distill_forward", &distill_forward_cpu);
+  m.impl("distill_rows", &distill_rows_cpu);
   m.impl("scale_grad_", &scale_grad_cpu_);
 }
 

@@ -32,14 +32,24 @@ using at::vec::Vectorized;
 
 constexpr int64_t kBlock = 1024;  // elements per block: 4 fp32 streams of 4 KiB stay in L1
 
+// The Math of distill_row.h and divergence_row.h on vectors and on scalars (row tails).
 template <class acc_t>
 struct VecMath {
   using V = Vectorized<acc_t>;
   static V exp(const V& x) { return fast_exp(x); }
   static V expm1(const V& x) { return fast_expm1(x); }
+  static V log(const V& x) { return x.log(); }
+  static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // propagates NaN
+  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
   static V zero_where_zero(const V& p, const V& x) {
     return V::blendv(x, V(acc_t(0)), p == V(acc_t(0)));
+  }
+  static V where_zero(const V& p, const V& x) { return zero_where_zero(p, x); }
+  static V where_lt(const V& x, const V& y, const V& a, const V& b) { return V::blendv(b, a, x < y); }
+  static V sign(const V& x) {
+    const V zero(acc_t(0));
+    return V::blendv(zero, V(acc_t(1)), x > zero) - V::blendv(zero, V(acc_t(1)), x < zero);
   }
 };
 
@@ -47,8 +57,14 @@ template <class acc_t>
 struct ScalarMath {
   static acc_t exp(acc_t x) { return std::exp(x); }
   static acc_t expm1(acc_t x) { return std::expm1(x); }
+  static acc_t log(acc_t x) { return std::log(x); }
+  static acc_t abs(acc_t x) { return std::fabs(x); }
   static acc_t max(acc_t a, acc_t b) { return nan_max(a, b); }
+  static acc_t clamp(acc_t x, acc_t lo, acc_t hi) { return x != x ? x : std::min(std::max(x, lo), hi); }
   static acc_t zero_where_zero(acc_t p, acc_t x) { return p == acc_t(0) ? acc_t(0) : x; }
+  static acc_t where_zero(acc_t p, acc_t x) { return zero_where_zero(p, x); }
+  static acc_t where_lt(acc_t x, acc_t y, acc_t a, acc_t b) { return x < y ? a : b; }
+  static acc_t sign(acc_t x) { return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0)); }
 };
 
 template <class acc_t>
@@ -310,8 +326,11 @@ struct Scratch {
   alignas(64) double gt[kBlock];
 };
 
-// One row: pass 1 (statistics), then pass 2 (gradients and KL refinement) over the row again,
-// which is still in L2.
+#include "cpu/divergence_blocks.h"
+
+// One row: pass 1 (statistics), then, for forward KL, pass 2 (gradients and KL refinement) over the
+// row again, which is still in L2. Any other divergence runs its passes 2 and 3 (divergence_blocks.h)
+// over pass 1's exps.
 template <class acc_t, bool kSoft, bool kHard, int kPowT>
 class RowWorker {
  public:
@@ -323,85 +342,165 @@ class RowWorker {
         gtbuf_(reinterpret_cast<acc_t*>(scratch.gt)),
         exp_t_(a.vocab),
         exp_s_(a.vocab),
+        qg_(a.divergence.kind == Divergence::ForwardKL ? 0 : a.vocab),
+        ph_(a.divergence.kind == Divergence::ForwardKL ? 0 : a.vocab),
         shifts_((a.vocab + kBlock - 1) / kBlock) {}
 
   void run(int64_t row) {
     const int64_t vocab = a_.vocab;
-    const int64_t base = row * vocab;
     const int64_t y = a_.target != nullptr ? a_.target[row] : -1;
-    if (a_.target != nullptr && y == a_.ignore_index) {  // masked: loss and gradients exactly 0
+    const bool hard_row = kHard && y != a_.ignore_index;
+    const bool soft_row = a_.soft_mask != nullptr ? a_.soft_mask[row] : (a_.target == nullptr || hard_row);
+    if (!soft_row && !hard_row) {  // masked: terms and gradients exactly 0
       a_.row_loss[row] = a_.row_soft[row] = a_.row_hard[row] = 0.0;
       if (a_.grad_student) zero_row(a_.grad_student, a_.student_dtype, row, vocab);
       if (a_.grad_teacher) zero_row(a_.grad_teacher, a_.teacher_dtype, row, vocab);
       return;
     }
+    s_base_ = row * a_.student_row_stride;
+    t_base_ = row * a_.teacher_row_stride;
+    g_base_ = row * vocab;
     RowStats<double> st;
     for (int64_t off = 0; off < vocab; off += kBlock) {
       const int64_t n = std::min(kBlock, vocab - off);
       shifts_[off / kBlock] = accumulate_block<acc_t, kSoft, kHard, kPowT>(
-          st, student(base + off, n), teacher(base + off, n), n, a_.params.inv_temperature, exp_t_.data() + off,
+          st, student(off, n), teacher(off, n), n, a_.params.inv_temperature, exp_t_.data() + off,
           exp_s_.data() + off);
     }
-    const double s_target = kHard ? load_one(a_.student, a_.student_dtype, base + y) : 0.0;
+    const double s_target = hard_row ? load_one(a_.student, a_.student_dtype, s_base_ + y) : 0.0;
     RowCoeffs<double> coeffs{};
     RowLoss<double> loss = finalize<double>(st, s_target, a_.params, a_.grad_scale, &coeffs);
+    if (!soft_row) {
+      loss.soft = 0;
+      coeffs.soft_coef = 0;
+      coeffs.refine = false;
+    }
+    if (!hard_row) {
+      loss.hard = 0;
+      coeffs.hard_coef = coeffs.uniform = coeffs.target_coef = 0;
+    }
     const RowCoeffs<acc_t> c = narrow<acc_t>(coeffs);
     const bool want_teacher = kSoft && a_.grad_teacher != nullptr;
-    if (a_.grad_student != nullptr || want_teacher) {
-      const double refinement =
-          c.refine ? gradient_pass<true>(base, y, coeffs, c) : gradient_pass<false>(base, y, coeffs, c);
+    const bool want_grad = a_.grad_student != nullptr || want_teacher;
+    if (soft_row && a_.divergence.kind != Divergence::ForwardKL) {
+      loss.soft = divergence_passes(st, coeffs, c, hard_row ? y : -1, want_grad);
+    } else if (want_grad) {
+      const double refinement = c.refine ? gradient_pass<true>(hard_row ? y : -1, coeffs, c)
+                                         : gradient_pass<false>(hard_row ? y : -1, coeffs, c);
       if (c.refine) refine_soft(loss, refinement, a_.params);
     } else if (kSoft && c.refine) {
       double refinement = 0;
       for (int64_t off = 0; off < vocab; off += kBlock) {
         const int64_t n = std::min(kBlock, vocab - off);
-        refinement += refinement_block<acc_t>(student(base + off, n), teacher(base + off, n), n, c);
+        refinement += refinement_block<acc_t>(student(off, n), teacher(off, n), n, c);
       }
       refine_soft(loss, refinement, a_.params);
     }
-    a_.row_loss[row] = loss.loss;
     a_.row_soft[row] = loss.soft;
     a_.row_hard[row] = loss.hard;
+    a_.row_loss[row] = a_.params.soft_weight * loss.soft + a_.params.hard_weight * loss.hard;
   }
 
  private:
   const acc_t* student(int64_t offset, int64_t n) {
-    return load_block<acc_t>(a_.student, a_.student_dtype, offset, n, sbuf_);
+    return load_block<acc_t>(a_.student, a_.student_dtype, s_base_ + offset, n, sbuf_);
   }
   const acc_t* teacher(int64_t offset, int64_t n) {
-    return kSoft ? load_block<acc_t>(a_.teacher, a_.teacher_dtype, offset, n, tbuf_) : nullptr;
+    return kSoft ? load_block<acc_t>(a_.teacher, a_.teacher_dtype, t_base_ + offset, n, tbuf_) : nullptr;
+  }
+  BlockFrame<acc_t> frame(int64_t off, const RowCoeffs<double>& cd, double delta) const {
+    const BlockShift& shift = shifts_[off / kBlock];
+    return {acc_t(block_factor(shift.s, cd.max_s, cd.inv_t) * cd.inv_sum_b),
+            acc_t(block_factor(shift.t, cd.max_t, cd.inv_t) * cd.inv_sum_t),
+            acc_t(cd.inv_t),
+            acc_t(delta),
+            acc_t(a_.divergence.beta),
+            acc_t(a_.divergence.one_minus_beta)};
   }
 
   template <bool kRefine>
-  double gradient_pass(int64_t base, int64_t y, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c) {
+  double gradient_pass(int64_t y, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c) {
     const bool need_logits = kRefine || a_.grad_teacher != nullptr || (kHard && kPowT == 0);
     double refinement = 0;
     for (int64_t off = 0; off < a_.vocab; off += kBlock) {
       const int64_t n = std::min(kBlock, a_.vocab - off);
-      const acc_t* s = need_logits ? student(base + off, n) : nullptr;
-      const acc_t* t = need_logits ? teacher(base + off, n) : nullptr;
-      const BlockShift& shift = shifts_[off / kBlock];
-      const acc_t q_scale = acc_t(block_factor(shift.s, cd.max_s, cd.inv_t) * cd.inv_sum_b);
-      const acc_t p_scale = acc_t(block_factor(shift.t, cd.max_t, cd.inv_t) * cd.inv_sum_t);
+      const acc_t* s = need_logits ? student(off, n) : nullptr;
+      const acc_t* t = need_logits ? teacher(off, n) : nullptr;
+      const BlockFrame<acc_t> fr = frame(off, cd, 0.0);
       const acc_t* et = exp_t_.data() + off;
       const acc_t* es = exp_s_.data() + off;
       // Teacher gradient alone: the student's is computed into scratch and dropped.
-      acc_t* gs = a_.grad_student ? grad_target<acc_t>(a_.grad_student, a_.student_dtype, base + off, gsbuf_)
+      acc_t* gs = a_.grad_student ? grad_target<acc_t>(a_.grad_student, a_.student_dtype, g_base_ + off, gsbuf_)
                                   : gsbuf_;
       if (kSoft && a_.grad_teacher != nullptr) {
-        acc_t* gt = grad_target<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, gtbuf_);
-        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, kSoft, kRefine>(s, t, et, es, n, c, q_scale,
-                                                                                 p_scale, gs, gt);
-        store_block<acc_t>(a_.grad_teacher, a_.teacher_dtype, base + off, n, gt);
+        acc_t* gt = grad_target<acc_t>(a_.grad_teacher, a_.teacher_dtype, g_base_ + off, gtbuf_);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, kSoft, kRefine>(s, t, et, es, n, c, fr.q_scale,
+                                                                                 fr.p_scale, gs, gt);
+        store_block<acc_t>(a_.grad_teacher, a_.teacher_dtype, g_base_ + off, n, gt);
       } else {
-        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, false, kRefine>(s, t, et, es, n, c, q_scale,
-                                                                                  p_scale, gs, nullptr);
+        refinement += gradient_block<acc_t, kSoft, kHard, kPowT, false, kRefine>(s, t, et, es, n, c, fr.q_scale,
+                                                                                  fr.p_scale, gs, nullptr);
       }
-      if (a_.grad_student == nullptr) continue;
-      if (kHard && y >= off && y < off + n) gs[y - off] -= c.target_coef;
-      store_block<acc_t>(a_.grad_student, a_.student_dtype, base + off, n, gs);
+      finish_student_block(gs, off, n, y, c);
     }
     return refinement;
+  }
+
+  // The target-class correction and the narrowing store of one block of the student gradient.
+  void finish_student_block(acc_t* gs, int64_t off, int64_t n, int64_t y, const RowCoeffs<acc_t>& c) {
+    if (a_.grad_student == nullptr) return;
+    if (kHard && y >= off && y < off + n) gs[y - off] -= c.target_coef;
+    store_block<acc_t>(a_.grad_student, a_.student_dtype, g_base_ + off, n, gs);
+  }
+
+  // Passes 2 and 3 of a divergence other than forward KL; returns D(p, q).
+  double divergence_passes(const RowStats<double>& st, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c,
+                           int64_t y, bool want_grad) {
+    switch (a_.divergence.kind) {
+      case Divergence::ReverseKL: return divergence_passes<Divergence::ReverseKL>(st, cd, c, y, want_grad);
+      case Divergence::JSD: return divergence_passes<Divergence::JSD>(st, cd, c, y, want_grad);
+      case Divergence::TVD: return divergence_passes<Divergence::TVD>(st, cd, c, y, want_grad);
+      case Divergence::SkewForwardKL: return divergence_passes<Divergence::SkewForwardKL>(st, cd, c, y, want_grad);
+      case Divergence::SkewReverseKL: return divergence_passes<Divergence::SkewReverseKL>(st, cd, c, y, want_grad);
+      default: return divergence_passes<Divergence::ForwardKL>(st, cd, c, y, want_grad);
+    }
+  }
+
+  template <Divergence kKind>
+  double divergence_passes(const RowStats<double>& st, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c,
+                           int64_t y, bool want_grad) {
+    // lse(t / T) - lse(s / T), the maxima split out so that near-equal rows keep their low bits.
+    const double delta = (st.max_t - st.max_s) * cd.inv_t + (std::log(st.sum_t) - std::log(st.sum_b));
+    DivergenceSums sums;
+    for (int64_t off = 0; off < a_.vocab; off += kBlock) {
+      const int64_t n = std::min(kBlock, a_.vocab - off);
+      divergence_sums_block<kKind, acc_t>(student(off, n), teacher(off, n), exp_t_.data() + off,
+                                          exp_s_.data() + off, n, frame(off, cd, delta), qg_.data() + off,
+                                          ph_.data() + off, sums);
+    }
+    if (!want_grad) return sums.f;
+    const bool want_teacher = a_.grad_teacher != nullptr;
+    constexpr bool kNeedLogits = kHard && kPowT == 0;
+    for (int64_t off = 0; off < a_.vocab; off += kBlock) {
+      const int64_t n = std::min(kBlock, a_.vocab - off);
+      const acc_t* s = kNeedLogits ? student(off, n) : nullptr;
+      const BlockFrame<acc_t> fr = frame(off, cd, delta);
+      acc_t* gs = a_.grad_student ? grad_target<acc_t>(a_.grad_student, a_.student_dtype, g_base_ + off, gsbuf_)
+                                  : gsbuf_;
+      if (want_teacher) {
+        acc_t* gt = grad_target<acc_t>(a_.grad_teacher, a_.teacher_dtype, g_base_ + off, gtbuf_);
+        divergence_grad_block<acc_t, kHard, kPowT, true>(s, exp_t_.data() + off, exp_s_.data() + off,
+                                                         qg_.data() + off, ph_.data() + off, n, fr, c,
+                                                         acc_t(sums.qg), acc_t(sums.ph), gs, gt);
+        store_block<acc_t>(a_.grad_teacher, a_.teacher_dtype, g_base_ + off, n, gt);
+      } else {
+        divergence_grad_block<acc_t, kHard, kPowT, false>(s, exp_t_.data() + off, exp_s_.data() + off,
+                                                          qg_.data() + off, ph_.data() + off, n, fr, c,
+                                                          acc_t(sums.qg), acc_t(sums.ph), gs, nullptr);
+      }
+      finish_student_block(gs, off, n, y, c);
+    }
+    return sums.f;
   }
 
   const RowsArgs& a_;
@@ -409,9 +508,13 @@ class RowWorker {
   acc_t* tbuf_;
   acc_t* gsbuf_;
   acc_t* gtbuf_;
-  // Pass 1's exps of the current row (in L2 for the gradient pass) and the shifts of each block.
+  int64_t s_base_ = 0, t_base_ = 0, g_base_ = 0;  // the current row's offsets
+  // Pass 1's exps of the current row (in L2 for the gradient pass) and the shifts of each block;
+  // qg and ph of a divergence other than forward KL between its passes 2 and 3.
   std::vector<acc_t> exp_t_;
   std::vector<acc_t> exp_s_;
+  std::vector<acc_t> qg_;
+  std::vector<acc_t> ph_;
   std::vector<BlockShift> shifts_;
 };
 

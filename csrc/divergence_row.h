@@ -1,0 +1,145 @@
+// The divergence family as policies over one row (docs/spec.md, "Divergences"), shared by the CPU
+// and CUDA kernels.
+//
+// Every divergence here is a sum over the vocabulary of an element term f(p_j, q_j), p = softmax(t/T)
+// (teacher), q = softmax(s/T) (student). Its gradients with respect to the scaled logits
+// a = t/T and b = s/T follow from the softmax Jacobian:
+//     dD/db_j = qg_j - q_j * sum_i qg_i,   qg = q * df/dq
+//     dD/da_j = ph_j - p_j * sum_i ph_i,   ph = p * df/dp
+// So a divergence is just its element function returning (f, qg, ph); a kernel gathers the three
+// row sums in one pass and writes the gradients in the next. Each element function works on
+// d = log p - log q, computed from the logits, so near-identical rows lose nothing to cancellation,
+// and every product with p or q is 0 where that probability is 0 (a -inf logit), never 0 * inf.
+//
+// Math supplies, for the value type V (a scalar or a SIMD vector): exp, expm1, log, abs,
+// where_lt(x, y, a, b) (a where x < y else b), where_zero(p, x) (0 where p == 0 else x),
+// clamp(x, lo, hi) and sign(x).
+#pragma once
+
+#include <cstdint>
+
+#include "distill_row.h"
+
+namespace fastkd {
+
+enum class Divergence : int {
+  ForwardKL = 0,      // KL(p || q)                         (Hinton et al. 2015)
+  ReverseKL = 1,      // KL(q || p)                         (MiniLLM, Gu et al. 2024)
+  JSD = 2,            // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (GKD)
+  TVD = 3,            // 1/2 sum |p - q|
+  SkewForwardKL = 4,  // KL(p || beta p + (1 - beta) q)    (DistiLLM, Ko et al. 2024)
+  SkewReverseKL = 5,  // KL(q || beta q + (1 - beta) p)    (DistiLLM)
+};
+
+// beta, and its complement computed once in double so that 1 - beta keeps its low bits.
+struct DivergenceParams {
+  Divergence kind = Divergence::ForwardKL;
+  double beta = 0.0;
+  double one_minus_beta = 1.0;
+};
+
+// The element terms of one divergence at one element (or one vector of elements).
+template <class V>
+struct ElementTerms {
+  V f;   // the element's share of D
+  V qg;  // q * df/dq
+  V ph;  // p * df/dp
+};
+
+// |dD/db| and |dD/da| summed over a row are at most this (a bound for sizing fp16 gradients): the
+// KL family's gradients are differences of probabilities (<= 2); reverse KL's q (log q - log p - D)
+// is unbounded as p -> 0, so it gets headroom for p down to e^-60.
+inline double divergence_gradient_bound(const DivergenceParams& d) {
+  switch (d.kind) {
+    case Divergence::ReverseKL: return 128.0;
+    case Divergence::SkewReverseKL: return 4.0 + (d.beta > 0 ? -2.0 * __builtin_log(d.beta) : 128.0);
+    default: return 4.0;
+  }
+}
+
+inline namespace FASTKD_ISA {
+
+// u = m / x and log(u) for a mixture m = w y + (1 - w) x of two distributions, from dc = log y - log x
+// (clamped to [-80, 80]) without cancellation: u = 1 + w expm1(dc) near dc = 0 (log1p through
+// Goldberg's log(u) * y / (u - 1), which needs only log), and u = (1 - w) + w exp(dc) for dc < -1,
+// where 1 - w comes exact from the host (w = 1 would otherwise leave e^dc lost next to 1).
+template <class Math, class V>
+struct Mixture {
+  V ratio;      // m / x
+  V log_ratio;  // log(m / x)
+};
+
+template <class Math, class V>
+FASTKD_HD Mixture<Math, V> mixture(V dc, V w, V w_bar) {
+  const V one(1);
+  const V far = w_bar + w * Math::exp(dc);
+  const V w_em1 = w * Math::expm1(dc);
+  const V u = Math::where_lt(dc, V(-1), far, one + w_em1);
+  const V y = Math::where_lt(dc, V(-1), u - one, w_em1);
+  const V u_minus_one = u - one;
+  // log1p(y) = log(u) * y / (u - 1), and y itself where u rounds to 1.
+  const V log_u = Math::where_zero(u_minus_one, Math::log(u) * (y / u_minus_one)) + (y - Math::where_zero(u_minus_one, y));
+  return {u, log_u};
+}
+
+// d clamped to [-80, 80] for the mixtures: past that, the smaller probability is below e^-80 of the
+// larger and its terms are 0 to any precision. d where p = q = 0 (both logits -inf) has no value;
+// such an element contributes 0 to every sum, so 0 stands in (where_zero(p + q, d)).
+template <class Math, class V>
+FASTKD_HD V clamped_log_ratio(V d) {
+  return Math::clamp(d, V(-80), V(80));
+}
+
+// f, qg, ph of one element. d = log p - log q (+-inf where one side is 0, NaN where both are).
+template <Divergence kKind, class Math, class V>
+FASTKD_HD ElementTerms<V> divergence_terms(V p, V q, V d, V beta, V one_minus_beta) {
+  ElementTerms<V> e;
+  if constexpr (kKind == Divergence::ForwardKL) {
+    e.f = Math::where_zero(p, p * d);
+    e.qg = V(0) - p;
+    e.ph = e.f + p;
+  } else if constexpr (kKind == Divergence::ReverseKL) {
+    e.f = Math::where_zero(q, V(0) - q * d);
+    e.qg = e.f + q;
+    e.ph = V(0) - q;
+  } else if constexpr (kKind == Divergence::TVD) {
+    const V diff = q - p;
+    const V half(0.5);
+    e.f = half * Math::abs(diff);
+    const V sg = Math::sign(diff);
+    e.qg = half * q * sg;
+    e.ph = V(0) - half * p * sg;
+  } else {
+    const V dc = clamped_log_ratio<Math>(Math::where_zero(p + q, d));
+    if constexpr (kKind == Divergence::SkewReverseKL) {
+      // m = beta q + (1 - beta) p: the weight on p is 1 - beta.
+      const Mixture<Math, V> mq = mixture<Math>(dc, one_minus_beta, beta);
+      const V log_q_m = V(0) - mq.log_ratio;
+      const V e_pm = one_minus_beta * p / mq.ratio;  // (1 - beta) p q / m
+      e.f = Math::where_zero(q, q * log_q_m);
+      e.ph = V(0) - e_pm;
+      e.qg = e.f + e_pm;
+    } else {
+      // m = beta p + (1 - beta) q: the weight on p is beta.
+      const Mixture<Math, V> mq = mixture<Math>(dc, beta, one_minus_beta);
+      const V log_q_m = V(0) - mq.log_ratio;
+      const V log_p_m = dc + log_q_m;
+      if constexpr (kKind == Divergence::JSD) {
+        const V a = Math::where_zero(p, beta * p * log_p_m);
+        const V b = Math::where_zero(q, one_minus_beta * q * log_q_m);
+        e.f = a + b;
+        e.qg = b;
+        e.ph = a;
+      } else {  // SkewForwardKL
+        const V e_pq = one_minus_beta * p / mq.ratio;  // (1 - beta) p q / m
+        e.f = Math::where_zero(p, p * log_p_m);
+        e.qg = V(0) - e_pq;
+        e.ph = e.f + e_pq;
+      }
+    }
+  }
+  return e;
+}
+
+}  // namespace FASTKD_ISA
+}  // namespace fastkd
