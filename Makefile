@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc cmake -type f 2>/dev/null)
+BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc cmake build_hooks -type f -not -path '*/__pycache__/*' 2>/dev/null)
+BUILD_NOTE := Compiling fastkd's C++ (and, when CUDA is found, CUDA) extension against the installed torch: \
+	this takes several minutes and prints nothing until it is done
 
 .PHONY: install test demo bench lint clean wheel
 
@@ -21,6 +23,7 @@ $(VENV)/.deps: | $(PY)
 	touch $@
 
 $(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
+	@echo "$(BUILD_NOTE)."
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
@@ -29,16 +32,18 @@ test: install
 
 demo: install
 	$(PY) -m fastkd demo --out demo-output
+	@echo "The fastkd command is in $(VENV)/bin: run $(VENV)/bin/fastkd --help, or source $(VENV)/bin/activate first."
 
 bench: install
 	$(PY) benchmarks/bench_loss.py
 
 lint: install
-	$(VENV)/bin/ruff check fastkd tests benchmarks
+	$(VENV)/bin/ruff check fastkd tests benchmarks build_hooks
 
 # A wheel for chosen CUDA archs, e.g. `make wheel TORCH_CUDA_ARCH_LIST="8.0;9.0"`. Its own build
 # folder, so switching archs does not rebuild the editable install's objects.
 wheel: $(VENV)/.deps
+	@echo "$(BUILD_NOTE)."
 	$(PY) -m pip wheel --no-build-isolation --no-deps -C build-dir=build/wheel-{wheel_tag} -w dist .
 
 clean:
