@@ -1,4 +1,4 @@
-// Per-row math of the distillation loss (../shared/SPEC.md), shared by the CPU and the CUDA kernels.
+// Per-row math of the distillation loss (docs/spec.md), shared by the CPU and the CUDA kernels.
 //
 // A row is one sample: student logits s[0..V), teacher logits t[0..V). Everything a row needs is
 // gathered in one streaming pass into RowStats (online softmax: running maxima and rescaled sums,

@@ -17,12 +17,25 @@ def has_kernel(device: torch.device) -> bool:
     return _has_kernel_for(device.type)
 
 
-@torch.compiler.assume_constant_result  # a fact of the build: torch.compile need not trace it
+def _kernel_device_types(op: str) -> frozenset[str]:
+    """The device types with a kernel registered for ``op``: a fact of the build, fixed once _C has
+    loaded. torch.compile reads the frozenset as a constant without tracing the dispatcher query, and
+    importing fastkd does not import torch.compile's machinery."""
+    keys = (("cpu", "CPU"), ("cuda", "CUDA"))
+    found = (dev for dev, key in keys if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+    return frozenset(["meta", *found])
+
+
+_FORWARD_KL_KERNELS = _kernel_device_types("fastkd::distill_forward")
+_ROWS_KERNELS = _kernel_device_types("fastkd::distill_rows")
+
+
 def _has_kernel_for(device_type: str) -> bool:
-    if device_type == "meta":
-        return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_forward", key)
+    return device_type in _FORWARD_KL_KERNELS
+
+
+def _has_rows_kernel_for(device_type: str) -> bool:
+    return device_type in _ROWS_KERNELS
 
 
 def distill_loss(
@@ -117,14 +130,6 @@ def distill_loss(
             RuntimeWarning, stacklevel=2,
         )
     return reference.distill_loss(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
-
-
-@torch.compiler.assume_constant_result  # a fact of the build: torch.compile need not trace it
-def _has_rows_kernel_for(device_type: str) -> bool:
-    if device_type == "meta":
-        return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::distill_rows", key)
 
 
 def _row_weights(
