@@ -369,7 +369,10 @@ FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2S
     const acc_t et = Math::exp2(u);
     const acc_t d = exp2_frame_diff(u, v);
     x.sum_t += et;
-    x.w = std::fma(et, d, x.w);
+    // At small T, 2^u underflows to 0 although p > 0: a -inf student logit under a finite teacher
+    // one must still make KL +inf (0 * inf would be NaN). A NaN already in w stays NaN.
+    const bool student_gone = d == std::numeric_limits<acc_t>::infinity() && u > neg_inf<acc_t>();
+    x.w = student_gone ? x.w + d : std::fma(et, d, x.w);
     x.sum_b += eb;
     x.max_d = std::fmax(x.max_d, d);
   }
@@ -380,25 +383,25 @@ FASTKD_HD void exp2_accumulate(Exp2Sums<acc_t>& x, acc_t s, acc_t t, const Exp2S
 }
 
 // Moves sums from frames `from` (of maxima from_t, from_s) to frames `to` (online gathering, and
-// merging partial rows gathered in different frames). A stream still empty (maximum -inf) has sums
-// 0 and stays 0.
+// merging partial rows gathered in different frames). A stream whose maximum is still -inf has seen
+// only -inf or NaN logits (the maxima drop NaN), so its sums are exactly 0 or NaN: they are left as
+// they are, which keeps an empty stream 0 and a NaN one NaN (no factor, as 2^(c - 0) may be inf).
 template <class Math, class acc_t>
 FASTKD_HD void exp2_move(Exp2Sums<acc_t>& x, acc_t from_t, acc_t from_s, const Exp2Shifts<acc_t>& from,
                          const Exp2Shifts<acc_t>& to) {
   const acc_t ninf = neg_inf<acc_t>();
   const acc_t dt = to.t.c - from.t.c, db = to.b.c - from.b.c;
   if (from_t == ninf) {
-    x.sum_t = x.w = acc_t(0);
-    x.max_d = neg_inf<acc_t>();
+    x.max_d = ninf;
   } else if (dt != acc_t(0) || db != acc_t(0)) {
     const acc_t ft = dt == acc_t(0) ? acc_t(1) : Math::exp2(dt);
-    x.w = ft * (x.w + x.sum_t * (dt - db));  // each u - v grows by dt - db
+    const acc_t w = x.w + x.sum_t * (dt - db);  // each u - v grows by dt - db
+    // +inf (a -inf student logit under p > 0) stays +inf where ft underflows to 0.
+    x.w = w == std::numeric_limits<acc_t>::infinity() ? w : ft * w;
     x.sum_t *= ft;
     x.max_d += dt - db;
   }
-  if (from_s == ninf) {
-    x.sum_b = x.sum_1 = acc_t(0);
-  } else {
+  if (from_s != ninf) {
     if (db != acc_t(0)) x.sum_b *= Math::exp2(db);
     const acc_t d1 = to.one.c - from.one.c;
     if (d1 != acc_t(0)) x.sum_1 *= Math::exp2(d1);
@@ -468,7 +471,11 @@ FASTKD_HD void exp2_element_grads(acc_t s, acc_t t, const Exp2Coeffs<acc_t>& c, 
     const acc_t u = std::fma(t, c.sh.t.k, c.sh.t.c);
     const acc_t pw = Math::exp2(u) * c.p_scale;  // soft_coef * p
     g = std::fma(eb, c.q_scale, -pw);
-    if constexpr (kTeacher) gt = pw * std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift);
+    // p == 0 (2^u underflowed or a -inf teacher logit) contributes exactly 0, as on the CPU.
+    if constexpr (kTeacher) {
+      gt = pw == acc_t(0) ? acc_t(0)
+                          : pw * std::fma(exp2_frame_diff(u, v), acc_t(0.6931471805599453), -c.teacher_shift);
+    }
   }
   if constexpr (kHard) g = std::fma(exp2_unit_stream<Math, kTMode>(s, eb, c.sh), c.r_scale, g) - c.uniform;
   gs = g;

@@ -24,6 +24,11 @@ struct Case {
   int vocab;
   double temperature, alpha, eps, scale;
   bool neg_inf, online;
+  // Online gathering: `threads` partials, each taking `chunk` logits a step (strided), merged
+  // pairwise onto the larger maxima (as partial rows are merged), or with row_max_first all moved
+  // onto the row's maxima and then added (the stream kernel's block merge).
+  int threads = 3, chunk = 5;
+  bool row_max_first = false;
 };
 
 struct Result {
@@ -55,7 +60,7 @@ Result reference(const std::vector<double>& s, const std::vector<double>& t, int
     r[j] = expl(s[j] - ms) / s1;
     if (p[j] > 0) kl += p[j] * ((t[j] / T - la) - (s[j] / T - lb));
   }
-  const long double hard = (1 - k.eps) * (l1 - s[y]) + k.eps * (l1 - ss / V);
+  const long double hard = (1 - k.eps) * (l1 - s[y]) + (k.eps > 0 ? k.eps * (l1 - ss / V) : 0);
   const long double c = T * T;
   Result out;
   out.loss = k.alpha * c * kl + (1 - k.alpha) * hard;
@@ -88,7 +93,10 @@ Result exp2_form(const std::vector<double>& sd, const std::vector<double>& td, i
     for (int j = 0; j < V; ++j) exp2_accumulate<M, true, true, kTMode>(lanes[j % kLanes], s[j], t[j], sh);
     for (const Exp2Sums<acc_t>& lane : lanes) x.add(lane);
   } else {
-    constexpr int kThreads = 3, kChunk = 5;
+    const int kThreads = k.threads, kChunk = k.chunk;
+    std::vector<acc_t> part_t(kThreads), part_s(kThreads);
+    std::vector<Exp2Shifts<acc_t>> part_sh(kThreads);
+    std::vector<Exp2Sums<acc_t>> part_x(kThreads);
     for (int th = 0; th < kThreads; ++th) {
       acc_t tmt = neg_inf<acc_t>(), tms = neg_inf<acc_t>();
       Exp2Shifts<acc_t> tsh = exp2_shifts<kTMode>(tmt, tms, p);
@@ -109,7 +117,10 @@ Result exp2_form(const std::vector<double>& sd, const std::vector<double>& td, i
         }
         for (int j = base; j < end; ++j) exp2_accumulate<M, true, true, kTMode>(tx, s[j], t[j], tsh);
       }
-      if (th == 0) {
+      part_t[th] = tmt, part_s[th] = tms, part_sh[th] = tsh, part_x[th] = tx;
+      if (k.row_max_first) {
+        continue;
+      } else if (th == 0) {
         mt = tmt, ms = tms, sh = tsh, x = tx;
       } else {  // merge as the kernel does: onto the larger maxima, then add
         const acc_t nt = std::fmax(mt, tmt), ns = std::fmax(ms, tms);
@@ -118,6 +129,17 @@ Result exp2_form(const std::vector<double>& sd, const std::vector<double>& td, i
         exp2_move<M>(tx, tmt, tms, tsh, n);
         x.add(tx);
         mt = nt, ms = ns, sh = n;
+      }
+    }
+    if (k.row_max_first) {
+      for (int th = 0; th < kThreads; ++th) {
+        mt = std::fmax(mt, part_t[th]);
+        ms = std::fmax(ms, part_s[th]);
+      }
+      sh = exp2_shifts<kTMode>(mt, ms, p);
+      for (int th = 0; th < kThreads; ++th) {
+        exp2_move<M>(part_x[th], part_t[th], part_s[th], part_sh[th], sh);
+        x.add(part_x[th]);
       }
     }
   }
@@ -146,35 +168,35 @@ Result exp2_form(const std::vector<double>& sd, const std::vector<double>& td, i
 // terms (soft_coef q, hard_coef r ~ alpha T and 1 - alpha) for rows whose true gradient is ~0; fp64
 // far tighter.
 template <class acc_t>
-bool check(const Case& k, unsigned seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> normal(0, 1);
-  const int V = k.vocab;
-  std::vector<double> s(V), t(V);
-  for (int j = 0; j < V; ++j) {
-    s[j] = acc_t(normal(gen) * k.scale);
-    t[j] = acc_t(normal(gen) * k.scale + 0.3 * s[j]);
-  }
-  if (k.neg_inf) {
-    for (int j = 1; j < V; j += 3) t[j] = -INFINITY;
-  }
-  const int y = V / 2;
+LossParams params_of(const Case& k) {
   LossParams p;
   p.inv_temperature = 1.0 / k.temperature;
   p.hard_weight = 1 - k.alpha;
   p.soft_weight = k.alpha * k.temperature * k.temperature;
   p.label_smoothing = k.eps;
-  p.vocab = V;
+  p.vocab = k.vocab;
   p.integer_temperature = (k.temperature == 1.0 || k.temperature == 2.0 || k.temperature == 4.0) ? int(k.temperature) : 0;
   p.element_epsilon = sizeof(acc_t) == 8 ? 1.2e-16 : 6e-8;
-  const Result want = reference(s, t, y, k);
-  Result got;
+  return p;
+}
+
+template <class acc_t>
+Result run_exp2_form(const std::vector<double>& s, const std::vector<double>& t, int y, const Case& k) {
+  const LossParams p = params_of<acc_t>(k);
   switch (p.integer_temperature) {
-    case 1: got = exp2_form<acc_t, 1>(s, t, y, k, p); break;
-    case 2: got = exp2_form<acc_t, 2>(s, t, y, k, p); break;
-    case 4: got = exp2_form<acc_t, 4>(s, t, y, k, p); break;
-    default: got = exp2_form<acc_t, 0>(s, t, y, k, p); break;
+    case 1: return exp2_form<acc_t, 1>(s, t, y, k, p);
+    case 2: return exp2_form<acc_t, 2>(s, t, y, k, p);
+    case 4: return exp2_form<acc_t, 4>(s, t, y, k, p);
+    default: return exp2_form<acc_t, 0>(s, t, y, k, p);
   }
+}
+
+template <class acc_t>
+bool check_row(const Case& k, const std::vector<double>& s, const std::vector<double>& t) {
+  const int V = k.vocab;
+  const int y = V / 2;
+  const Result want = reference(s, t, y, k);
+  const Result got = run_exp2_form<acc_t>(s, t, y, k);
   double max_d = 0, peak = 0;
   for (int j = 0; j < V; ++j) {
     if (std::isfinite(t[j] - s[j])) max_d = std::max(max_d, std::fabs(t[j] - s[j]) / k.temperature);
@@ -196,11 +218,88 @@ bool check(const Case& k, unsigned seed) {
   }
   const bool ok = loss_err <= loss_tol && grad_err <= grad_tol;
   if (!ok) {
-    std::printf("%s V=%d T=%g alpha=%g eps=%g scale=%g neg_inf=%d online=%d: loss err %.3g (tol %.3g), grad err %.3g (tol %.3g)\n",
+    std::printf("%s V=%d T=%g alpha=%g eps=%g scale=%g neg_inf=%d online=%d (%dx%d%s): loss err %.3g (tol %.3g), grad err %.3g (tol %.3g)\n",
                 fp64 ? "double" : "float", V, k.temperature, k.alpha, k.eps, k.scale, int(k.neg_inf), int(k.online),
-                loss_err, loss_tol, grad_err, grad_tol);
+                k.threads, k.chunk, k.row_max_first ? ", row max first" : "", loss_err, loss_tol, grad_err, grad_tol);
   }
   return ok;
+}
+
+template <class acc_t>
+bool check(const Case& k, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0, 1);
+  const int V = k.vocab;
+  std::vector<double> s(V), t(V);
+  for (int j = 0; j < V; ++j) {
+    s[j] = acc_t(normal(gen) * k.scale);
+    t[j] = acc_t(normal(gen) * k.scale + 0.3 * s[j]);
+  }
+  if (k.neg_inf) {
+    for (int j = 1; j < V; j += 3) t[j] = -INFINITY;
+  }
+  return check_row<acc_t>(k, s, t);
+}
+
+// Rows whose partials see only -inf, only NaN, or nothing, merged in both orders the kernels use.
+// A NaN logit anywhere must give a NaN loss; a -inf student logit under a finite teacher one +inf
+// (also where 2^u underflows at small T); -inf teacher and student logits alone a finite loss.
+template <class acc_t>
+int check_special_rows() {
+  struct Split {
+    int threads, chunk;
+    bool row_max_first;
+  };
+  const Split splits[] = {{3, 5, false}, {3, 5, true}, {4, 1, false}, {4, 1, true},
+                          {8, 2, true},  {16, 1, true}, {16, 1, false}};
+  const int V = 10, y = V / 2;
+  int failures = 0;
+  auto expect = [&](const Case& k, const char* what, long double loss, bool ok) {
+    if (!ok) {
+      std::printf("%s V=%d T=%g alpha=%g %dx%d%s, %s: loss %Lg\n", sizeof(acc_t) == 8 ? "double" : "float", V,
+                  k.temperature, k.alpha, k.threads, k.chunk, k.row_max_first ? " row max first" : "", what, loss);
+      ++failures;
+    }
+  };
+  for (double T : {0.05, 0.5, 1.0, 2.0, 3.7, 4.0, 100.0}) {
+    for (double alpha : {0.0, 0.5, 1.0}) {
+      for (const Split& sp : splits) {
+        Case k{V, T, alpha, 0.0, 1.0, false, true};
+        k.threads = sp.threads, k.chunk = sp.chunk, k.row_max_first = sp.row_max_first;
+        std::vector<double> s(V), t(V);
+        for (int j = 0; j < V; ++j) {
+          s[j] = acc_t(0.37 * j - 1.1 + 0.05 * (j % 3));
+          t[j] = acc_t(1.3 - 0.29 * j + 0.1 * (j % 4));
+        }
+        for (int j = 0; j < V; ++j) {  // one NaN, in the student or the teacher row
+          for (int which = 0; which < 2; ++which) {
+            std::vector<double> s2 = s, t2 = t;
+            (which == 0 ? s2 : t2)[j] = NAN;
+            if (which == 1 && alpha == 0.0) continue;  // the teacher is not read
+            const long double loss = run_exp2_form<acc_t>(s2, t2, y, k).loss;
+            expect(k, which == 0 ? "NaN student logit" : "NaN teacher logit", loss, std::isnan(loss));
+          }
+        }
+        if (alpha > 0.0) {  // a -inf student logit under the teacher's smallest one, p > 0
+          std::vector<double> s2 = s, t2 = t;
+          s2[V - 1] = -INFINITY;
+          t2[V - 1] = acc_t(t[0] - 30.0);
+          const long double loss = run_exp2_form<acc_t>(s2, t2, y, k).loss;
+          expect(k, "-inf student under finite teacher", loss, loss == INFINITY);
+        }
+        {  // partials that see only -inf teacher logits, and only -inf logits of both rows
+          std::vector<double> s2 = s, t2 = t;
+          for (int j = 0; j < V; ++j) {
+            if (j != 0 && j != y) t2[j] = -INFINITY;
+            if (j >= 6) s2[j] = -INFINITY;
+          }
+          failures += !check_row<acc_t>(k, s2, t2);
+        }
+        failures += !check_row<acc_t>(k, s, t);  // partials that see nothing (16 threads)
+      }
+    }
+  }
+  return failures;
 }
 
 int main() {
@@ -220,6 +319,9 @@ int main() {
       }
     }
   }
-  std::printf("%d of %d cases within tolerance\n", cases - failures, cases);
+  const int special = check_special_rows<float>() + check_special_rows<double>();
+  std::printf("%d of %d cases within tolerance; %d failures among the -inf / NaN / empty-partial rows\n",
+              cases - failures, cases, special);
+  failures += special;
   return failures == 0 ? 0 : 1;
 }
