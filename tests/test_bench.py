@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from fastkd._validation import DIVERGENCE_NAMES
 from fastkd.bench import main
-from fastkd.bench.config import QUICK_SHAPE, make_cases, parse_options, parse_shapes
+from fastkd.bench.config import QUICK_SHAPE, make_cases, parse_divergences, parse_options, parse_shapes
 
 
 def test_quick_benchmark_runs_and_reports(capsys, tmp_path, monkeypatch):
@@ -25,8 +26,11 @@ def test_quick_benchmark_runs_and_reports(capsys, tmp_path, monkeypatch):
 
 def test_only_a_full_grid_run_writes_to_the_recorded_results_by_default():
     assert parse_options(["--device", "cpu"]).results_dir == "benchmarks/results"
-    for argv in (["--quick"], ["--shapes", "64x1000"], ["--dtypes", "bf16"]):
+    for argv in (["--quick"], ["--shapes", "64x1000"], ["--dtypes", "bf16"], ["--divergences", "jsd"],
+                 ["--divergences", "all", "--shapes", "64x1000"]):
         assert parse_options(["--device", "cpu", *argv]).results_dir == "bench-output", argv
+    for divs in ("all", "forward_kl"):  # the whole grid, for every divergence or the default one
+        assert parse_options(["--device", "cpu", "--divergences", divs]).results_dir == "benchmarks/results"
     for flag in ("--out", "--results-dir"):
         assert parse_options(["--device", "cpu", "--quick", flag, "here"]).results_dir == "here"
 
@@ -40,10 +44,58 @@ def test_results_files_are_written(tmp_path):
     fk = case["contenders"]["fastkd"]
     assert fk["check"]["ok"] is True
     assert len(fk["fwd_bwd_ms"]) == 1 and fk["peak_extra_bytes"] is not None
-    assert "eager" in case["speedup"]
+    assert "eager" in case["speedup"] and "exp_floor" not in case["speedup"]
+    assert case["divergence"] == "forward_kl" and case["key"] == "64x1000-bf16-forward_kl"
     assert doc["environment"]["fastkd_build_info"]
-    assert (tmp_path / "unit.md").read_text().count("| 64x1000 |") == 2
+    md = (tmp_path / "unit.md").read_text()
+    # fastkd, eager and the exp floor in the results table, one summary row
+    assert md.count("| 64x1000 | bf16 | forward_kl |") == 4
     assert (tmp_path / "unit.png").stat().st_size > 0
+
+
+def test_divergences_option():
+    assert parse_divergences("all") == list(DIVERGENCE_NAMES) and len(DIVERGENCE_NAMES) == 6
+    assert parse_divergences(" JSD, tvd,jsd") == ["jsd", "tvd"]
+    assert parse_options(["--device", "cpu"]).divergences == ["forward_kl"]
+    cases = make_cases("cpu", [(64, 1000)], ["fp32", "bf16"], None, quick=False, divergences=["jsd", "tvd"])
+    assert [(c.dtype, c.divergence) for c in cases] == [
+        ("fp32", "jsd"), ("fp32", "tvd"), ("bf16", "jsd"), ("bf16", "tvd")]
+    assert len({c.key for c in cases}) == 4 and all(c.divergence in c.key for c in cases)
+    assert {c.divergence for c in make_cases("cpu", None, None, None, quick=True)} == {"forward_kl"}
+    for bad in ("kl", "jsd,nope", ","):
+        assert main(["--device", "cpu", "--divergences", bad]) == 2
+
+
+def test_every_divergence_runs_against_its_reference_and_the_exp_floor(tmp_path):
+    """Each divergence is a case: fastkd and eager bound with it agree, the exp floor row is timed,
+    and the summary relates every divergence to forward_kl and to the floor."""
+    from fastkd.bench.plot import write_plot
+
+    rc = main(["--device", "cpu", "--shapes", "32x500", "--dtypes", "fp32", "--divergences", "all",
+               "--repeats", "1", "--warmup", "1", "--no-compile", "--no-isolate", "--out", str(tmp_path),
+               "--machine", "unit", "--peak-gbps", "10", "--note", "load 0.5"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "unit.json").read_text())
+    assert [c["divergence"] for c in doc["cases"]] == list(DIVERGENCE_NAMES)
+    assert doc["config"]["divergences"] == list(DIVERGENCE_NAMES) and "load 0.5" in doc["notes"]
+    for case in doc["cases"]:
+        assert case["key"] == f"32x500-fp32-{case['divergence']}"
+        assert case["contenders"]["fastkd"]["check"]["ok"] is True, case["divergence"]
+        floor = case["contenders"]["exp_floor"]
+        assert floor["label"] == "2x torch.exp" and floor["loss"] is False and len(floor["fwd_ms"]) == 1
+        assert floor["bwd_ms"] == [0.0] and floor["peak_extra_bytes"] is None
+        assert case["fastkd_over_exp_floor"] == pytest.approx(
+            case["contenders"]["fastkd"]["median_ms"]["fwd_bwd"] / floor["median_ms"]["fwd_bwd"])
+        assert case["load_average_start"] is not None
+    md = (tmp_path / "unit.md").read_text()
+    summary = md.split("## Summary by divergence")[1]
+    for div in DIVERGENCE_NAMES:
+        assert f"| 32x500 | fp32 | {div} |" in summary
+    assert "| 32x500 | fp32 | forward_kl | " in summary and "| 1.00 |" in summary
+    assert "2x torch.exp" in md and "not a loss" in md
+    # Without forward_kl the plot shows the first divergence run.
+    doc["cases"] = [c for c in doc["cases"] if c["divergence"] == "jsd"]
+    assert write_plot(tmp_path / "jsd.png", doc) and (tmp_path / "jsd.png").stat().st_size > 0
 
 
 def test_cases_and_bad_options():

@@ -31,16 +31,23 @@ def method_notes(opts: Options, peak_source: str) -> list[str]:
         f"inputs: student N x V (requires grad), teacher N x V (no grad), int64 targets with "
         f"{opts.ignore_frac:.0%} of rows = -100; T={opts.temperature:g}, alpha={opts.alpha:g}, "
         "reduction mean; the same tensors for every implementation",
+        f"divergences: {', '.join(opts.divergences)}; each case runs once per divergence, fastkd and both "
+        "reference variants bound with that divergence and its default beta (jsd 0.5, skew_* 0.1)",
         "a step: student.grad = None (as zero_grad), loss = f(student, teacher, target) [forward], "
         f"loss.backward() [backward]; timed with {timer}",
         f"warm-up: {opts.warmup} untimed step(s) per implementation per case; torch.compile compiles "
         "during the first (its wall time is first_call_s in the JSON), so compilation is excluded; "
-        "dynamo is reset per case so each case gets a graph specialized to its shape",
+        "dynamo is reset per case so each case gets a graph specialized to its shape and divergence",
         f"{opts.repeats} timed rounds; each round runs every implementation once, in an order rotated "
         "per round, so load from elsewhere hits all alike; medians reported (raw samples in the JSON)",
         "fastkd computes the gradient during its forward and its backward only scales it: compare "
         "forward+backward",
         "speed-up = peer median forward+backward time / fastkd's",
+        *(["2x torch.exp (not a loss): two torch.exp passes over the student logits (no grad) into one "
+           "output buffer allocated in the warm-up, timed in the same rotated rounds; any loss over "
+           "softmax(s/T) and softmax(t/T) evaluates 2 N V exponentials, and on the CPU exp throughput, "
+           "not memory bandwidth, bounds it; fastkd / 2x torch.exp = fastkd median forward+backward "
+           "time / its median"] if opts.device == "cpu" else []),
         "peak extra memory: the peak during one step (the gradient left in .grad included) minus what "
         "the process held before the implementation's first call (the inputs), so memory kept between "
         "steps counts too; 'held' is the part already held before the step (e.g. a cached gradient "
@@ -99,16 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         peak_source = f"{opts.peak_gbps:.1f} GB/s, this machine's measured copy bandwidth (256 MiB tensor copy)"
     else:
         peak_source = f"{opts.peak_gbps:g} GB/s" + (" (H200 HBM3e)" if opts.device == "cuda" else "")
-    notes: list[str] = []
+    notes: list[str] = list(opts.notes)
     print(f"fastkd bench on {machine}: torch {env['torch']}, {env['cpu_model']} x{env['cpu_cores']}"
           + (f", {env['gpu_name']}" if opts.device == "cuda" else "") + f"; {len(opts.cases)} case(s)",
           flush=True)
     cases = []
     t_start = time.perf_counter()
     for i, case in enumerate(opts.cases, 1):
-        _log(f"[{i}/{len(opts.cases)}] {case.n}x{case.v} {case.dtype} ...")
+        _log(f"[{i}/{len(opts.cases)}] {case.n}x{case.v} {case.dtype} {case.divergence} ...")
         run = run_case_isolated if opts.isolate else run_case
+        load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
         record, case_notes = run(case, opts, _log)
+        record["load_average_start"] = load
         notes += [n for n in case_notes if n not in notes]
         cases.append(record)
         for line in report.headline([record]):
@@ -122,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in report.headline(cases):
         print(line)
+    summary = report.summary_markdown(cases)
+    if summary:
+        print("\nby divergence (forward+backward medians):\n" + summary)
     print("\nmethod:\n" + "\n".join(f"  - {m}" for m in method))
     if notes:
         print("notes:\n" + "\n".join(f"  - {n}" for n in notes))
     if opts.save:
-        config = {k: v for k, v in vars(opts).items() if k not in ("cases", "argv")}
+        config = {k: v for k, v in vars(opts).items() if k not in ("cases", "argv", "notes")}
         config["peak_gbps"] = round(opts.peak_gbps, 2)
         config["peak_gbps_source"] = peak_source
         doc = {"schema": 1, "machine": machine, "environment": env, "config": config, "method": method,

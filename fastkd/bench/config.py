@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastkd._validation import DIVERGENCE_NAMES
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Issue 2: the CPU grid. Issue 4 adds the LLM headline shape on CUDA and a sweep over N.
@@ -16,6 +18,7 @@ SWEEP_V = 128256
 SWEEP_DTYPE = "bf16"
 QUICK_SHAPE = (512, 8192)
 HBM_PEAK_GBPS = 4300.0  # H200 HBM3e
+DEFAULT_DIVERGENCES = ("forward_kl",)
 # The full grid's results are committed; smoke and partial runs go where they cannot overwrite them.
 RESULTS_DIR = "benchmarks/results"
 SCRATCH_DIR = "bench-output"
@@ -23,17 +26,18 @@ SCRATCH_DIR = "bench-output"
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark case: N rows of V logits in one dtype."""
+    """One benchmark case: N rows of V logits in one dtype, one divergence (its default beta)."""
 
     n: int
     v: int
     dtype: str
     grid: bool = True  # part of the shapes x dtypes grid (plotted against V)
     sweep: bool = False  # part of the N sweep at V = SWEEP_V (plotted against N)
+    divergence: str = "forward_kl"
 
     @property
     def key(self) -> str:
-        return f"{self.n}x{self.v}-{self.dtype}"
+        return f"{self.n}x{self.v}-{self.dtype}-{self.divergence}"
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Options:
     save: bool
     quick: bool
     isolate: bool = True
+    divergences: list[str] = field(default_factory=lambda: list(DEFAULT_DIVERGENCES))
+    notes: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
 
 
@@ -87,6 +93,18 @@ def parse_dtypes(text: str) -> list[str]:
     return names
 
 
+def parse_divergences(text: str) -> list[str]:
+    """``"forward_kl,jsd"`` -> ``["forward_kl", "jsd"]``; ``"all"`` -> every divergence fastkd has."""
+    if text.strip().lower() == "all":
+        return list(DIVERGENCE_NAMES)
+    names = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
+    bad = [x for x in names if x not in DIVERGENCE_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"bad --divergences {text!r}: choose from {', '.join(DIVERGENCE_NAMES)}, or all")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastkd bench`` argument parser."""
     p = argparse.ArgumentParser(
@@ -100,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma-separated NxV list (default: the issue's grid for the device)")
     p.add_argument("--dtypes", type=parse_dtypes, default=None, help="comma-separated, default fp32,bf16")
+    p.add_argument("--divergences", type=parse_divergences, default=None,
+                   help="comma-separated, each case runs once per divergence with its default beta: "
+                   f"{', '.join(DIVERGENCE_NAMES)}, or all (default: forward_kl)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
                    help=f"add N in {SWEEP_N} at V={SWEEP_V} {SWEEP_DTYPE} (default: on for CUDA "
                    "when --shapes is not given, off on the CPU)")
@@ -119,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured copy bandwidth)")
     p.add_argument("--out", "--results-dir", dest="results_dir", default=None,
                    help=f"where the JSON, markdown and plot go (default: {RESULTS_DIR} for the full grid; "
-                   f"{SCRATCH_DIR} for --quick, --shapes or --dtypes runs, so they never overwrite the "
-                   "recorded results)")
+                   f"{SCRATCH_DIR} for --quick, --shapes, --dtypes or a --divergences subset, so they never "
+                   "overwrite the recorded results)")
     p.add_argument("--machine", default=None, help="results file name (default: derived from the machine)")
+    p.add_argument("--note", dest="notes", action="append", default=[],
+                   help="a line for the notes of the results files (repeatable), e.g. the machine's load")
     p.add_argument("--no-save", dest="save", action="store_false", help="print only, write no files")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="run every case in this process instead of a fresh one per case (faster to start; "
@@ -129,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_cases(device: str, shapes, dtypes, sweep: bool | None, quick: bool) -> list[Case]:
-    """The grid (shapes x dtypes) plus, with the sweep, N in SWEEP_N at V = SWEEP_V; no duplicates."""
+def make_cases(device: str, shapes, dtypes, sweep: bool | None, quick: bool, divergences=None) -> list[Case]:
+    """The grid (shapes x dtypes) plus, with the sweep, N in SWEEP_N at V = SWEEP_V, each once per
+    divergence (default: forward_kl only); no duplicates."""
+    divergences = list(divergences or DEFAULT_DIVERGENCES)
     if quick:
         shapes = shapes or [QUICK_SHAPE]
         dtypes = dtypes or ["fp32"]
@@ -140,18 +165,24 @@ def make_cases(device: str, shapes, dtypes, sweep: bool | None, quick: bool) -> 
             sweep = device == "cuda" and shapes is None
         shapes = shapes or (list(CPU_SHAPES) + (list(CUDA_EXTRA_SHAPES) if device == "cuda" else []))
         dtypes = dtypes or ["fp32", "bf16"]
-    cases = {Case(n, v, d).key: Case(n, v, d) for (n, v) in shapes for d in dtypes}
+    cases = {c.key: c for (n, v) in shapes for d in dtypes for div in divergences
+             for c in [Case(n, v, d, divergence=div)]}
     if sweep:
         for n in SWEEP_N:
-            c = Case(n, SWEEP_V, SWEEP_DTYPE, grid=False, sweep=True)
-            # A grid case with the same shape is run once and belongs to both.
-            cases[c.key] = Case(n, SWEEP_V, SWEEP_DTYPE, grid=c.key in cases, sweep=True)
+            for div in divergences:
+                c = Case(n, SWEEP_V, SWEEP_DTYPE, grid=False, sweep=True, divergence=div)
+                # A grid case with the same shape is run once and belongs to both.
+                cases[c.key] = Case(n, SWEEP_V, SWEEP_DTYPE, grid=c.key in cases, sweep=True, divergence=div)
     return list(cases.values())
 
 
-def default_results_dir(quick: bool, shapes: object, dtypes: object) -> str:
-    """The recorded results directory for a full-grid run, a scratch one for anything smaller."""
-    return SCRATCH_DIR if quick or shapes is not None or dtypes is not None else RESULTS_DIR
+def default_results_dir(quick: bool, shapes: object, dtypes: object, divergences: object = None) -> str:
+    """The recorded results directory for a full-grid run (forward_kl, or every divergence), a scratch
+    one for anything smaller."""
+    partial_divergences = divergences is not None and set(divergences) not in (
+        set(DEFAULT_DIVERGENCES), set(DIVERGENCE_NAMES))
+    smaller = quick or shapes is not None or dtypes is not None or partial_divergences
+    return SCRATCH_DIR if smaller else RESULTS_DIR
 
 
 def parse_options(argv: list[str] | None) -> Options:
@@ -172,10 +203,11 @@ def parse_options(argv: list[str] | None) -> Options:
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     return Options(
         device=device,
-        cases=make_cases(device, a.shapes, a.dtypes, a.sweep, a.quick),
+        cases=make_cases(device, a.shapes, a.dtypes, a.sweep, a.quick, a.divergences),
         repeats=repeats, warmup=max(warmup, 1), compile=a.compile, liger=a.liger and device == "cuda",
         temperature=a.temperature, alpha=a.alpha, ignore_frac=a.ignore_frac, seed=a.seed,
         peak_gbps=a.peak_gbps if a.peak_gbps is not None else (HBM_PEAK_GBPS if device == "cuda" else None),
-        results_dir=a.results_dir or default_results_dir(a.quick, a.shapes, a.dtypes), machine=a.machine, save=a.save, quick=a.quick, isolate=a.isolate,
-        argv=argv,
+        results_dir=a.results_dir or default_results_dir(a.quick, a.shapes, a.dtypes, a.divergences),
+        machine=a.machine, save=a.save, quick=a.quick, isolate=a.isolate,
+        divergences=list(a.divergences or DEFAULT_DIVERGENCES), notes=a.notes, argv=argv,
     )

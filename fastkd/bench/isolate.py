@@ -28,6 +28,6 @@ def run_case_isolated(case: Case, opts: Options, log) -> tuple[dict, list[str]]:
     why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
     error = f"the case's process died ({why}) before reporting; see its output above"
     log(f"    {error}")
-    record = {"n": case.n, "v": case.v, "dtype": case.dtype, "grid": case.grid, "sweep": case.sweep,
-              "contenders": {}, "error": error}
+    record = {"n": case.n, "v": case.v, "dtype": case.dtype, "divergence": case.divergence, "key": case.key,
+              "grid": case.grid, "sweep": case.sweep, "contenders": {}, "error": error}
     return record, []

@@ -1,4 +1,5 @@
-"""The PNG: fastkd's forward+backward speed-up over each peer against V (and against N for the sweep)."""
+"""The PNG: fastkd's forward+backward speed-up over each peer against V (and against N for the sweep),
+for one divergence: forward_kl when the run has it, else the first one run."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -46,7 +47,11 @@ def write_plot(path: Path, doc: dict) -> bool:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    cases = doc["cases"]
+    divs = [c.get("divergence", "forward_kl") for c in doc["cases"]]
+    if not divs:
+        return False
+    div = "forward_kl" if "forward_kl" in divs else divs[0]
+    cases = [c for c, d in zip(doc["cases"], divs, strict=True) if d == div]
     by_v = _series(cases, "v", "grid")
     by_n = _series(cases, "n", "sweep")
     if not by_v:
@@ -57,7 +62,7 @@ def write_plot(path: Path, doc: dict) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (series, xlabel, title) in zip(axes[0], panels, strict=True):
         _draw(ax, series, xlabel, title)
-    fig.suptitle(f"fastkd.distill_loss speed-up over each peer: {doc['machine']}", fontsize=11)
+    fig.suptitle(f"fastkd.distill_loss speed-up over each peer, {div}: {doc['machine']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

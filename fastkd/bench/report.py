@@ -4,21 +4,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastkd.bench.contenders import EAGER, FASTKD
+from fastkd.bench.contenders import COMPILE, EAGER, EXP_FLOOR, FASTKD
 
-COLUMNS = ("N x V", "dtype", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "fastkd speed-up",
-           "peak extra MiB", "x NV fp32", "held MiB", "GB/s", "% peak", "check")
+COLUMNS = ("N x V", "dtype", "divergence", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms",
+           "fastkd speed-up", "peak extra MiB", "x NV fp32", "held MiB", "GB/s", "% peak", "check")
+_FIRST_NUMERIC = COLUMNS.index("fwd ms")
+SUMMARY_COLUMNS = ("N x V", "dtype", "divergence", "fastkd fwd+bwd ms", "eager ms", "eager / fastkd",
+                   "compile ms", "compile / fastkd", "fastkd / fastkd forward_kl", "fastkd / 2x torch.exp",
+                   "fastkd peak extra (x NV fp32)")
+
+
+def divergence_of(case: dict) -> str:
+    """The case's divergence (results written before divergences were benchmarked are forward_kl)."""
+    return case.get("divergence", "forward_kl")
 
 
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _check_cell(name: str, rec: dict) -> str:
+def _check_cell(name: str, rec: dict, case: dict) -> str:
     """Errors, or the agreement of loss and gradient with eager's (relative errors)."""
     chk = rec.get("check") or {}
     if rec.get("error"):
         return rec["error"]
+    if name == EXP_FLOOR:
+        ratio = case.get("fastkd_over_exp_floor")
+        return "not a loss" + (f": fastkd fwd+bwd = {ratio:.2f}x this" if ratio else "")
     if name == EAGER:
         return "base of the check"
     if rec.get("exact") is False:
@@ -32,16 +44,19 @@ def _check_cell(name: str, rec: dict) -> str:
 def case_rows(case: dict) -> list[list[str]]:
     """One row per contender of a case record (see runner.run_case)."""
     if case.get("error"):
-        return [[f"{case['n']}x{case['v']}", case["dtype"], "-", *["-"] * (len(COLUMNS) - 4), case["error"]]]
+        return [[f"{case['n']}x{case['v']}", case["dtype"], divergence_of(case), "-",
+                 *["-"] * (len(COLUMNS) - 5), case["error"]]]
     rows = []
     for name, rec in case["contenders"].items():
         med = rec.get("median_ms") or {}
         sp = case.get("speedup", {}).get(name, {}).get("fwd_bwd")
+        if name == EXP_FLOOR and case.get("fastkd_over_exp_floor"):
+            sp = 1.0 / case["fastkd_over_exp_floor"]  # the same ratio as the peers': its time / fastkd's
         speed = "1.00x (base)" if name == FASTKD and med else (f"{sp:.2f}x" if sp else "-")
         frac = rec.get("roofline_frac")
-        check = _check_cell(name, rec)
+        check = _check_cell(name, rec, case)
         rows.append([
-            f"{case['n']}x{case['v']}", case["dtype"], rec["label"],
+            f"{case['n']}x{case['v']}", case["dtype"], divergence_of(case), rec["label"],
             _f(med.get("fwd"), ".1f"), _f(med.get("bwd"), ".1f"), _f(med.get("fwd_bwd"), ".1f"), speed,
             _f(rec.get("peak_extra_mib"), ".0f"), _f(rec.get("peak_extra_nv_fp32"), ".2f"),
             _f(rec.get("held_mib"), ".0f"),
@@ -59,7 +74,7 @@ def text_table(cases: list[dict]) -> str:
         if bi > 1:
             lines.append("")
         for r in block:
-            lines.append("  ".join(x.rjust(w) if 3 <= i <= len(COLUMNS) - 2 else x.ljust(w)
+            lines.append("  ".join(x.rjust(w) if _FIRST_NUMERIC <= i <= len(COLUMNS) - 2 else x.ljust(w)
                                    for i, (x, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         if bi == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -74,7 +89,8 @@ def markdown_table(cases: list[dict]) -> str:
 
 
 def headline(cases: list[dict]) -> list[str]:
-    """One line per case: fastkd forward+backward and its speed-up over each peer."""
+    """One line per case: fastkd forward+backward, its speed-up over each peer, and its time as a
+    multiple of the exp floor's."""
     lines = []
     for c in cases:
         fk = c["contenders"].get(FASTKD, {}).get("median_ms")
@@ -82,9 +98,44 @@ def headline(cases: list[dict]) -> list[str]:
             continue
         peers = ", ".join(f"{c['contenders'][p]['label']} {s['fwd_bwd']:.2f}x"
                           for p, s in c.get("speedup", {}).items())
-        lines.append(f"{c['n']}x{c['v']} {c['dtype']}: fastkd fwd+bwd {fk['fwd_bwd']:.1f} ms; "
-                     f"speed-up over {peers or 'no peer'}")
+        floor = c.get("fastkd_over_exp_floor")
+        lines.append(f"{c['n']}x{c['v']} {c['dtype']} {divergence_of(c)}: fastkd fwd+bwd {fk['fwd_bwd']:.1f} ms; "
+                     f"speed-up over {peers or 'no peer'}"
+                     + (f"; {floor:.2f}x the time of 2x torch.exp" if floor else ""))
     return lines
+
+
+def _median(case: dict, name: str) -> float | None:
+    return ((case["contenders"].get(name) or {}).get("median_ms") or {}).get("fwd_bwd")
+
+
+def summary_rows(cases: list[dict]) -> list[list[str]]:
+    """Per case, fastkd's forward+backward against eager, torch.compile, fastkd on forward_kl with the
+    same shape and dtype, and the exp floor, with fastkd's peak extra memory."""
+    fkl = {(c["n"], c["v"], c["dtype"]): _median(c, FASTKD) for c in cases
+           if divergence_of(c) == "forward_kl" and not c.get("error")}
+    rows = []
+    for c in cases:
+        fk = _median(c, FASTKD)
+        if c.get("error") or not fk:
+            continue
+        eager, comp, base = _median(c, EAGER), _median(c, COMPILE), fkl.get((c["n"], c["v"], c["dtype"]))
+        rows.append([
+            f"{c['n']}x{c['v']}", c["dtype"], divergence_of(c), f"{fk:.1f}",
+            _f(eager, ".1f"), _f(eager and eager / fk, ".2f"), _f(comp, ".1f"), _f(comp and comp / fk, ".2f"),
+            _f(base and fk / base, ".2f"), _f(c.get("fastkd_over_exp_floor"), ".2f"),
+            _f(c["contenders"][FASTKD].get("peak_extra_nv_fp32"), ".2f"),
+        ])
+    return rows
+
+
+def summary_markdown(cases: list[dict]) -> str:
+    """The per-divergence summary table in markdown (empty when no case has a fastkd time)."""
+    rows = summary_rows(cases)
+    if not rows:
+        return ""
+    out = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def write_markdown(path: Path, doc: dict) -> None:
@@ -113,6 +164,22 @@ def write_markdown(path: Path, doc: dict) -> None:
         *[f"- {h}" for h in headline(doc["cases"])],
         "",
     ]
+    summary = summary_markdown(doc["cases"])
+    if summary:
+        lines += [
+            "## Summary by divergence (medians, forward+backward)",
+            "",
+            summary,
+            "",
+            "- eager / fastkd, compile / fastkd: fastkd's speed-up over reference eager and "
+            "torch.compile(reference) on that divergence",
+            "- fastkd / fastkd forward_kl: fastkd's time on that divergence over its time on forward_kl "
+            "(same shape and dtype, same run)",
+            "- fastkd / 2x torch.exp: fastkd's time over that of two torch.exp passes over the student "
+            "logits (CPU only; the exp-throughput floor)",
+            "- fastkd peak extra: in units of one N x V fp32 tensor",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 

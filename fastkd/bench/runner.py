@@ -10,7 +10,7 @@ import torch
 
 from fastkd.bench import memory
 from fastkd.bench.config import Case, Options
-from fastkd.bench.contenders import EAGER, FASTKD, Contender, build_contenders
+from fastkd.bench.contenders import EAGER, EXP_FLOOR, FASTKD, Contender, build_contenders
 from fastkd.bench.inputs import Inputs, make_inputs, traffic_bytes
 from fastkd.bench.timing import StepTimer, wall_seconds
 
@@ -82,6 +82,12 @@ def _prepare(contenders, xs: _CaseInputs, timer, case, opts, results, log) -> li
     for c in sorted(contenders, key=lambda c: c.name != EAGER):
         rec = results[c.name]
         try:
+            if c.forward_only:  # not a loss: warm-up only, nothing to check, no memory column
+                for _ in range(opts.warmup):
+                    s = wall_seconds(opts.device, timer.forward_only, c.fn, xs.get(c))
+                    rec.setdefault("first_call_s", s)
+                active.add(c.name)
+                continue
             base = memory.current_bytes(opts.device)  # before this implementation's first call
             rec["first_call_s"] = wall_seconds(opts.device, timer.step, c.fn, xs.get(c))
             for _ in range(opts.warmup - 1):
@@ -118,7 +124,7 @@ def _timed_rounds(active: list[Contender], xs: _CaseInputs, timer: StepTimer, re
                 x = xs.get(c)
                 rec = results[c.name]
                 try:
-                    fwd, bwd = timer.step(c.fn, x)
+                    fwd, bwd = (timer.forward_only if c.forward_only else timer.step)(c.fn, x)
                 except Exception as e:  # e.g. memory fragmentation late in the run: drop this one
                     rec["error"] = _error_text(e)
                     active.remove(c)
@@ -134,15 +140,17 @@ def _timed_rounds(active: list[Contender], xs: _CaseInputs, timer: StepTimer, re
 
 
 def _derive(case: Case, results: dict, peak_gbps: float | None) -> dict:
-    """Medians, memory in MiB and in N x V fp32 tensors, bandwidth, and fastkd's speed-ups."""
+    """Medians, memory in MiB and in N x V fp32 tensors, bandwidth, fastkd's speed-ups over the loss
+    peers, and fastkd's time as a multiple of the exp floor's."""
     nv_fp32 = case.n * case.v * 4
     traffic = traffic_bytes(case)
-    for rec in results.values():
+    for name, rec in results.items():
         if rec["fwd_bwd_ms"]:
             rec["median_ms"] = {p: statistics.median(rec[f"{p}_ms"]) for p in PHASES}
             rec["min_ms"] = {p: min(rec[f"{p}_ms"]) for p in PHASES}
-            rec["gbps"] = traffic / (rec["median_ms"]["fwd_bwd"] * 1e-3) / 1e9
-            rec["roofline_frac"] = rec["gbps"] / peak_gbps if peak_gbps else None
+            if name != EXP_FLOOR:  # the loss's traffic; the floor moves other bytes
+                rec["gbps"] = traffic / (rec["median_ms"]["fwd_bwd"] * 1e-3) / 1e9
+                rec["roofline_frac"] = rec["gbps"] / peak_gbps if peak_gbps else None
         if rec.get("peak_extra_bytes") is not None:
             rec["peak_extra_mib"] = rec["peak_extra_bytes"] / MIB
             rec["peak_extra_nv_fp32"] = rec["peak_extra_bytes"] / nv_fp32
@@ -150,21 +158,25 @@ def _derive(case: Case, results: dict, peak_gbps: float | None) -> dict:
     speedup = {}
     base = results.get(FASTKD, {}).get("median_ms")
     for name, rec in results.items():
-        if name != FASTKD and base and rec.get("median_ms"):
+        if name not in (FASTKD, EXP_FLOOR) and base and rec.get("median_ms"):
             speedup[name] = {p: rec["median_ms"][p] / base[p] for p in PHASES}
-    return {"nv_fp32_bytes": nv_fp32, "traffic_bytes": traffic, "speedup": speedup}
+    floor = results.get(EXP_FLOOR, {}).get("median_ms")
+    over_floor = base["fwd_bwd"] / floor["fwd_bwd"] if base and floor else None
+    return {"nv_fp32_bytes": nv_fp32, "traffic_bytes": traffic, "speedup": speedup,
+            "fastkd_over_exp_floor": over_floor}
 
 
 def run_case(case: Case, opts: Options, log: Callable[[str], None]) -> tuple[dict, list[str]]:
     """Benchmark every contender on ``case``; returns the case record and notes (skipped peers)."""
-    contenders, notes = build_contenders(opts.device, opts.temperature, opts.alpha, opts.compile, opts.liger)
+    contenders, notes = build_contenders(opts.device, opts.temperature, opts.alpha, opts.compile, opts.liger,
+                                         case.divergence)
     results = {
         c.name: {"label": c.label, "exact": c.exact, "error": None, "fwd_ms": [], "bwd_ms": [],
-                 "fwd_bwd_ms": [], "peak_extra_bytes": None}
+                 "fwd_bwd_ms": [], "peak_extra_bytes": None, **({"loss": False} if c.forward_only else {})}
         for c in contenders
     }
-    record = {"n": case.n, "v": case.v, "dtype": case.dtype, "grid": case.grid, "sweep": case.sweep,
-              "contenders": results}
+    record = {"n": case.n, "v": case.v, "dtype": case.dtype, "divergence": case.divergence,
+              "key": case.key, "grid": case.grid, "sweep": case.sweep, "contenders": results}
     try:
         xs = _CaseInputs(make_inputs(case, opts.device, opts.ignore_frac, opts.seed), contenders)
     except Exception as e:

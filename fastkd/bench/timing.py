@@ -38,6 +38,21 @@ class StepTimer:
         t2 = time.perf_counter()
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
+    def forward_only(self, fn: LossFn, x: Inputs) -> tuple[float, float]:
+        """One call of a non-loss reference (e.g. the exp floor) without autograd: (ms, 0.0)."""
+        with torch.no_grad():
+            if self.cuda:
+                self._flush.zero_()
+                e0, e1, _ = self._events
+                e0.record()
+                fn(x.student, x.teacher, x.target)
+                e1.record()
+                torch.cuda.synchronize()
+                return e0.elapsed_time(e1), 0.0
+            t0 = time.perf_counter()
+            fn(x.student, x.teacher, x.target)
+            return (time.perf_counter() - t0) * 1e3, 0.0
+
     def _step_cuda(self, fn: LossFn, x: Inputs) -> tuple[float, float]:
         self._flush.zero_()
         e0, e1, e2 = self._events
