@@ -55,6 +55,7 @@ DeviceInfo device_info() {
   cudaDeviceProp prop{};
   C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
   DeviceInfo d;
+  d.index = index;
   d.major = prop.major;
   d.minor = prop.minor;
   d.sm_count = prop.multiProcessorCount;

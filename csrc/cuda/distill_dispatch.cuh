@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 
 #include "cuda/resident_kernel.cuh"
@@ -24,14 +25,18 @@ constexpr int64_t kWarpRowMax = 1024;
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// What the resident kernel of one mode was compiled to on this device, read once.
+// What the resident kernel of one mode was compiled to on one device.
 struct KernelFacts {
   int binary_version = 0;  // e.g. 90: the SASS the driver loaded for this device
+  int ptx_version = 0;     // the virtual arch the code was compiled from (80 for compute_80 PTX JIT-ed on sm_90)
   int static_smem = 0;
+  // The cluster code (DSMEM, cluster barriers) is compiled in only for __CUDA_ARCH__ >= 900: SASS
+  // for sm_90 built from compute_80 PTX has binaryVersion 90 but traps there.
+  bool clusters() const { return binary_version >= 90 && ptx_version >= 90; }
 };
 
 template <class Kernel>
-KernelFacts kernel_facts(Kernel kernel, int64_t optin) {
+KernelFacts read_kernel_facts(Kernel kernel, int64_t optin) {
   cudaFuncAttributes attr{};
   KernelFacts f;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
@@ -39,22 +44,39 @@ KernelFacts kernel_facts(Kernel kernel, int64_t optin) {
     return f;
   }
   f.binary_version = attr.binaryVersion;
+  f.ptx_version = attr.ptxVersion;
   f.static_smem = int(attr.sharedSizeBytes);
-  // Allow the largest dynamic shared memory once, and prefer shared memory over L1 (the kernel reads
-  // its row from shared memory only).
+  // Allow the largest dynamic shared memory, and prefer shared memory over L1 (the kernel reads its
+  // row from shared memory only). These attributes belong to the current device.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(optin) - f.static_smem);
   cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-  if (attr.binaryVersion >= 90) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (f.clusters()) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   (void)cudaGetLastError();
   return f;
 }
 
-// Whether clusters of `cl` CTAs with `bytes` of dynamic shared memory each can be resident at all.
+// read_kernel_facts() once per (kernel, device): function attributes are set per device, so a
+// second GPU in the process needs its own.
 template <class Kernel>
-bool cluster_fits(Kernel kernel, int cl, int64_t bytes) {
+KernelFacts kernel_facts(Kernel kernel, const DeviceInfo& dev) {
   static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int64_t>, bool> known;
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), cl, bytes);
+  static std::map<std::pair<const void*, int>, KernelFacts> known;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev.index);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  const KernelFacts f = read_kernel_facts(kernel, dev.smem_per_block_optin);
+  known.emplace(key, f);
+  return f;
+}
+
+// Whether clusters of `cl` CTAs with `bytes` of dynamic shared memory each can be resident at all on
+// the current device (`device`).
+template <class Kernel>
+bool cluster_fits(Kernel kernel, int device, int cl, int64_t bytes) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int64_t>, bool> known;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, cl, bytes);
   std::lock_guard<std::mutex> lock(mu);
   const auto it = known.find(key);
   if (it != known.end()) return it->second;
@@ -87,7 +109,7 @@ struct ResidentPlan {
 template <class X, class Kernel>
 ResidentPlan plan_resident(Kernel kernel, const KernelFacts& f, int64_t vocab, int streams, const DeviceInfo& dev) {
   constexpr int N = kVecElems<X>;
-  const bool clusters = dev.major >= 9 && f.binary_version >= 90;
+  const bool clusters = dev.major >= 9 && f.clusters();
   const int64_t reserved = 1024 + f.static_smem;  // per CTA: the system's 1 KiB and our static arrays
   for (int per_sm : {3, 2}) {
     const int64_t budget = std::min(dev.smem_per_sm / per_sm - reserved, dev.smem_per_block_optin - f.static_smem);
@@ -97,7 +119,7 @@ ResidentPlan plan_resident(Kernel kernel, const KernelFacts& f, int64_t vocab, i
       const int64_t slice = (per_cta + N - 1) / N * N;
       const int64_t bytes = slice * int64_t(sizeof(X)) * streams;
       if (bytes > budget) continue;
-      if (cl > 1 && !cluster_fits(kernel, cl, bytes)) continue;
+      if (cl > 1 && !cluster_fits(kernel, dev.index, cl, bytes)) continue;
       return {cl, slice, bytes};
     }
   }
@@ -115,7 +137,7 @@ LaunchReport launch_mode(KernelArgs k, const DeviceInfo& dev, cudaStream_t strea
     const bool want = a.choice == KernelChoice::Resident || (a.choice == KernelChoice::Auto && a.vocab > kWarpRowMax);
     if (want && k.vec) {
       auto kernel = resident_kernel<X, kSoft, kHard, kTMode>;
-      static const KernelFacts facts = kernel_facts(kernel, dev.smem_per_block_optin);
+      const KernelFacts facts = kernel_facts(kernel, dev);
       const ResidentPlan plan = plan_resident<X>(kernel, facts, a.vocab, kSoft ? 2 : 1, dev);
       const int64_t blocks = a.rows * plan.cluster;
       if (plan.cluster > 0 && blocks <= int64_t(INT32_MAX)) {

@@ -19,6 +19,7 @@ enum class KernelChoice : int { Auto = 0, Stream = 1, Resident = 2 };
 
 // What the dispatcher needs to know about the current device (read once by the glue).
 struct DeviceInfo {
+  int index = 0;  // the CUDA device index: per-device kernel attributes are cached under it
   int major = 0, minor = 0;
   int sm_count = 0;
   int64_t smem_per_sm = 0;         // shared memory per multiprocessor
