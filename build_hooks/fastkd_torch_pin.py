@@ -14,11 +14,15 @@ def dynamic_metadata(field: str, settings: Mapping[str, Any]) -> list[str]:
     """``torch==<the installed torch's version>`` followed by ``settings["requires"]``."""
     if field != "dependencies":
         raise RuntimeError(f"fastkd_torch_pin provides 'dependencies', not {field!r}")
+    from importlib import metadata
+
     try:
-        import torch
-    except ImportError as e:
+        # The installed distribution's own version, as pip knows it: torch.__version__ may carry a local
+        # label (+cu130) that the distribution's metadata does not, and pip would then find no match.
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError as e:
         raise RuntimeError(
             "building fastkd needs torch installed first, and pip's --no-build-isolation "
             "(pip install --no-build-isolation ...): the extension is compiled against that torch"
         ) from e
-    return [f"torch=={torch.__version__}", *settings.get("requires", [])]
+    return [f"torch=={version}", *settings.get("requires", [])]

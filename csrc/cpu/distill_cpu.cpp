@@ -44,74 +44,6 @@ int64_t count_unmasked_rows(const at::Tensor& target, int64_t vocab, int64_t ign
   return unmasked;
 }
 
-at::Tensor reduce_rows(const std::vector<double>& rows, Reduction reduction, double scale, at::ScalarType dtype) {
-  if (reduction == Reduction::None) {
-    at::Tensor out = at::empty({int64_t(rows.size())}, at::TensorOptions().dtype(at::kDouble));
-    std::copy(rows.begin(), rows.end(), out.data_ptr<double>());
-    return out.to(dtype);
-  }
-  double total = 0;  // rows in a fixed order: the result does not depend on the thread count
-  for (double r : rows) total += r;
-  return at::scalar_tensor(total * scale, at::TensorOptions().dtype(dtype));
-}
-
-ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                   const std::optional<at::Tensor>& target, double temperature, double alpha,
-                                   int64_t ignore_index, double label_smoothing, bool scale_by_temperature_squared,
-                                   c10::string_view reduction, int64_t batch_size, bool student_grad,
-                                   bool teacher_grad) {
-  const PreparedCall call =
-      prepare_call(student, teacher, target, temperature, alpha, ignore_index, label_smoothing,
-                   scale_by_temperature_squared, reduction, batch_size, student_grad, teacher_grad);
-  at::Tensor s = student.contiguous();
-  at::Tensor t = teacher.contiguous();
-  if (call.float64) {
-    s = s.to(at::kDouble);
-    t = t.to(at::kDouble);
-  }
-  at::Tensor y;
-  int64_t unmasked = call.rows;
-  if (target.has_value()) {
-    y = target->to(at::kLong).contiguous();
-    unmasked = count_unmasked_rows(y, call.vocab, ignore_index);
-  }
-  const double scale = reduction_scale(call.reduction, unmasked, call.batch_size);
-
-  // Gradients come back in the dtype of the logits they belong to.
-  at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
-  at::Tensor grad_t = teacher_grad ? empty_gradient(t.sizes(), t.scalar_type()) : at::empty({0}, teacher.options());
-
-  std::vector<double> row_loss(call.rows), row_soft(call.rows), row_hard(call.rows);
-  RowsArgs args;
-  args.student = s.const_data_ptr();
-  args.teacher = t.const_data_ptr();
-  args.student_row_stride = call.vocab;
-  args.teacher_row_stride = call.vocab;
-  args.student_dtype = s.scalar_type();
-  args.teacher_dtype = t.scalar_type();
-  args.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
-  args.ignore_index = ignore_index;
-  args.rows = call.rows;
-  args.vocab = call.vocab;
-  args.params = call.params;
-  args.grad_scale = scale;
-  args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
-  args.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
-  args.row_loss = row_loss.data();
-  args.row_soft = row_soft.data();
-  args.row_hard = row_hard.data();
-  if (call.rows > 0) select_kernel()(args);
-
-  // A float32 / half logit paired with a float64 one was computed in float64; its gradient goes back
-  // in its own dtype.
-  if (student_grad && grad_s.scalar_type() != student.scalar_type()) grad_s = grad_s.to(student.scalar_type());
-  if (teacher_grad && grad_t.scalar_type() != teacher.scalar_type()) grad_t = grad_t.to(teacher.scalar_type());
-  const at::ScalarType loss_dtype = call.float64 ? at::kDouble : at::kFloat;
-  return {reduce_rows(row_loss, call.reduction, scale, loss_dtype),
-          reduce_rows(row_soft, call.reduction, scale, loss_dtype),
-          reduce_rows(row_hard, call.reduction, scale, loss_dtype), grad_s, grad_t};
-}
-
 at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dtype) {
   at::Tensor out = at::empty({int64_t(rows.size())}, at::TensorOptions().dtype(at::kDouble));
   std::copy(rows.begin(), rows.end(), out.data_ptr<double>());
@@ -191,6 +123,37 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
   const at::ScalarType loss_dtype = call.float64 ? at::kDouble : at::kFloat;
   return {rows_tensor(row_loss, loss_dtype), rows_tensor(row_soft, loss_dtype), rows_tensor(row_hard, loss_dtype),
           grad_s, grad_t, at::scalar_tensor(prescale, at::TensorOptions().dtype(at::kFloat))};
+}
+
+// The forward-KL op with the reduction inside (the CUDA kernel's contract), on top of distill_rows:
+// the reduction's scale goes into the row weights, and the rows are summed here in a fixed order.
+ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& target, double temperature, double alpha,
+                                   int64_t ignore_index, double label_smoothing, bool scale_by_temperature_squared,
+                                   c10::string_view reduction, int64_t batch_size, bool student_grad,
+                                   bool teacher_grad) {
+  const PreparedCall call =
+      prepare_call(student, teacher, target, temperature, alpha, ignore_index, label_smoothing,
+                   scale_by_temperature_squared, reduction, batch_size, student_grad, teacher_grad);
+  int64_t unmasked = call.rows;
+  if (target.has_value()) unmasked = count_unmasked_rows(target->to(at::kLong).contiguous(), call.vocab, ignore_index);
+  const bool rows_out = call.reduction == Reduction::None;
+  const double scale = rows_out ? 1.0 : reduction_scale(call.reduction, unmasked, call.batch_size);
+  const at::Tensor weights = at::tensor({call.params.soft_weight * scale, call.params.hard_weight * scale},
+                                        at::TensorOptions().dtype(at::kDouble));
+  auto [loss, soft, hard, grad_s, grad_t, grad_scale] =
+      distill_rows_cpu(student, teacher, target, std::nullopt, weights, temperature, ignore_index, label_smoothing,
+                       "forward_kl", 0.0, student_grad, teacher_grad);
+  const double prescale = grad_scale.item<double>();
+  if (prescale != 1.0) {  // this op's gradient is the reduced loss's own
+    if (student_grad) grad_s.div_(prescale);
+    if (teacher_grad) grad_t.div_(prescale);
+  }
+  if (rows_out) return {loss, soft, hard, grad_s, grad_t};
+  const auto total = [](const at::Tensor& rows, double factor) {
+    return (rows.sum(0, /*keepdim=*/false, at::kDouble) * factor).to(rows.scalar_type());
+  };
+  return {total(loss, 1.0), total(soft, scale), total(hard, scale), grad_s, grad_t};
 }
 
 void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_output) {
