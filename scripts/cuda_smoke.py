@@ -1,5 +1,6 @@
 """Small cases through every CUDA kernel path of fastkd, forward and backward: the program that
 scripts/gpu_check.sh runs under `compute-sanitizer --tool memcheck` (and a quick smoke test by itself).
+`--small` runs only a few cases, one per kernel path, for the slower racecheck and synccheck tools.
 Prints which kernel each case ran and the largest error against the float64 reference."""
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ CASES = [
     (2, 128256, torch.bfloat16, "stream", dict(temperature=2.0, alpha=0.5)),
     (2, 128256, torch.float32, None, dict(temperature=4.0, alpha=0.5)),  # 16-CTA cluster on sm_90
     (3, 37, torch.float64, None, dict(temperature=1.7, alpha=0.4, label_smoothing=0.1)),
+    (2, 128256, torch.float32, None, dict(temperature=100.0, alpha=0.5)),  # cluster + KL refinement
+]
+
+# One case per path: warp-per-row stream, block stream, resident on one CTA, resident on a cluster
+# with the KL refinement pass (T = 100 makes KL small), float64.
+SMALL_CASES = [
+    (2, 1000, torch.bfloat16, None, dict(temperature=2.0, alpha=0.5)),
+    (2, 4099, torch.float32, "stream", dict(temperature=1.0, alpha=0.5)),
+    (2, 4096, torch.float16, None, dict(temperature=3.0, alpha=1.0)),
+    (2, 128256, torch.float32, None, dict(temperature=100.0, alpha=0.5)),
+    (2, 37, torch.float64, None, dict(temperature=1.7, alpha=0.4, label_smoothing=0.1)),
 ]
 
 
@@ -53,7 +65,8 @@ def main() -> int:
         print("no CUDA device: nothing to run")
         return 0
     print(torch.cuda.get_device_name(), fastkd.build_info())
-    errors = [run_case(*case) for case in CASES]
+    cases = SMALL_CASES if "--small" in sys.argv[1:] else CASES
+    errors = [run_case(*case) for case in cases]
     g = torch.randn(4, 1000, device="cuda", dtype=torch.bfloat16)
     torch.ops.fastkd.scale_grad_(g, torch.tensor(1.0, device="cuda"))
     torch.ops.fastkd.scale_grad_(g, torch.tensor(0.5, device="cuda"))

@@ -1,31 +1,27 @@
 #!/usr/bin/env bash
-# GPU check of fastkd's CUDA kernels, made to be sent as ONE command to the device machine (an H200;
-# Python 3.12 with torch 2.11 + CUDA 13.0, nvcc, cmake, ninja, scikit-build-core and pybind11 already
-# installed; no network). From the repository root:
+# GPU check of fastkd's CUDA kernels: run on a machine with an NVIDIA GPU (Python with a CUDA torch,
+# nvcc, cmake, ninja, scikit-build-core and pybind11 installed; no network needed). From the
+# repository root:
 #
-#     bash scripts/gpu_check.sh          # device tool: run(command="bash scripts/gpu_check.sh",
-#                                        #                  timeout_s=540, carry=[".whl"])
+#     bash scripts/gpu_check.sh
 #
 # Stages, each time-limited, the next one running whatever the last one did:
 #   env        nvidia-smi and versions
-#   build      pip install --no-build-isolation --no-deps -e . into the system python, sm_90 only
+#   build      pip install --no-build-isolation --no-deps -e . into the current python, sm_90 only
 #   tests      pytest -m cuda (tests/test_cuda.py: float64 reference, gradcheck, opcheck, compile,
 #              CUDA graphs, ...)
-#   sanitizer  scripts/cuda_smoke.py alone, then under compute-sanitizer --tool memcheck
-#   bench      benchmarks/bench_loss.py on the headline case (N=8192, V=128256, bf16, T=2,
+#   sanitizer  scripts/cuda_smoke.py alone, then under compute-sanitizer --tool memcheck; then
+#              racecheck (shared memory) and synccheck (barriers) on its small cases, which include
+#              the thread-block cluster path with the KL refinement
+#   bench      benchmarks/bench_loss.py on the headline case (N=8192, V=128256, bf16, T=2,
 #              alpha=0.5) against torch.compile and Liger, then fp32 / V=32000 / N=32768 vs eager
-# Logs and results go to $OUT (at most 8 files come back): gpu_check.log (this output), build.log,
-# tests.log, sanitizer.log, h200.json / .md / .png and h200-extra.md. The whole run stays under 8
-# minutes (GPU_CHECK_BUDGET seconds, default 465).
+# Logs and results go to $OUT: gpu_check.log (this output), build.log, tests.log, sanitizer.log,
+# h200.json / .md / .png and h200-extra.md. The whole run stays under 8 minutes (GPU_CHECK_BUDGET
+# seconds, default 465).
 #
-# Liger-Kernel for the comparison: download its wheel here, on the development machine, into the
-# ignored folder .whl/ at the repository root (pure Python; it needs triton, which torch brings), and
-# name .whl in the run's carry:
-#     grep -i '^liger-kernel' /work/.library/env/packages/pypi.tsv        # the version there: 0.8.5
-#     echo /.whl/ >> .git/info/exclude                                   # .gitignore has it too
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#         -d .whl liger-kernel==0.8.5
+# Liger-Kernel for the comparison (optional): put its wheel (pure Python; it needs triton, which
+# torch brings) in the git-ignored folder .whl/ at the repository root, e.g.
+#     python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel
 #
 # A dry run without a GPU (checks the script itself; GPU stages are skipped):
 #     OUT=/tmp/gpu-check PYTHON=.venv/bin/python SKIP_BUILD=1 bash scripts/gpu_check.sh
@@ -88,7 +84,7 @@ git log --oneline -1 2>/dev/null || true
 HAS_GPU=${GPU_CHECK_FORCE:-0}  # GPU_CHECK_FORCE=1: run the GPU stages anyway (dry runs of this script)
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && HAS_GPU=1
 
-# Liger-Kernel wheels carried in .whl/ (see the top of this file)
+# Liger-Kernel wheels in .whl/ (see the top of this file)
 if compgen -G ".whl/*.whl" >/dev/null; then
   if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -118,14 +114,19 @@ if ((HAS_GPU)); then
   stage smoke 40 "$OUT/sanitizer.log" $PY scripts/cuda_smoke.py
   stage sanitizer 70 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py
+  # shared-memory races and barrier misuse (block and cluster barriers): slower checks, small cases
+  stage racecheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --racecheck-report all \
+    --error-exitcode 1 $PY scripts/cuda_smoke.py --small
+  stage synccheck 40 "$OUT/sanitizer.log" compute-sanitizer --tool synccheck --error-exitcode 1 \
+    $PY scripts/cuda_smoke.py --small
 
   # ---- benchmark: the headline case against every peer, then more shapes against eager only
   stage bench 130 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
     --machine h200 --shapes 8192x128256 --dtypes bf16 --no-sweep --repeats 10
-  stage bench-extra 70 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
+  stage bench-extra 50 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
     --machine h200-extra --shapes 8192x128256,4096x32000,32768x128256 --dtypes bf16,fp32 --no-sweep \
     --no-compile --no-liger --repeats 5
-  rm -f "$OUT/h200-extra.json" "$OUT/h200-extra.png"  # 8 files come back: keep its table only
+  rm -f "$OUT/h200-extra.json" "$OUT/h200-extra.png"  # its table is enough
   # bench.log holds the printed tables, which the .md files repeat: fold it into gpu_check.log
   if [[ -f $OUT/bench.log ]]; then
     echo "== bench.log"
