@@ -13,6 +13,14 @@ if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUA
   set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0")
 endif()
 set(FASTKD_CUDA_ARCHS_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
+# torch's CMake config turns TORCH_CUDA_ARCH_LIST into the -gencode flags. Without any "+PTX", the
+# last (newest) arch also ships PTX: GPUs newer than every arch built (sm_100, sm_120, ...) then
+# JIT-compile it instead of finding no kernel image.
+if(FASTKD_CUDA_ARCHS_LIST AND NOT FASTKD_CUDA_ARCHS_LIST MATCHES "\\+PTX")
+  list(POP_BACK FASTKD_CUDA_ARCHS_LIST _fastkd_last)
+  list(APPEND FASTKD_CUDA_ARCHS_LIST "${_fastkd_last}+PTX")
+  set(ENV{TORCH_CUDA_ARCH_LIST} "${FASTKD_CUDA_ARCHS_LIST}")
+endif()
 string(REPLACE ";" " " FASTKD_CUDA_ARCHS_STRING "${FASTKD_CUDA_ARCHS_LIST}")  # for a compile definition
 
 # torch's pip wheel depends on the nvidia-* wheels; point CMake at their nvrtc (the system toolkit

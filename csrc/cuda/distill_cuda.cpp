@@ -61,12 +61,21 @@ DeviceInfo device_info() {
   d.sm_count = prop.multiProcessorCount;
   d.smem_per_sm = int64_t(prop.sharedMemPerMultiprocessor);
   d.smem_per_block_optin = int64_t(prop.sharedMemPerBlockOptin);
+  d.kernel_image = kernel_image_available();
   known.emplace(index, d);
   return d;
 }
 
-LaunchReport launch_rows(const DistillLaunch& a, cudaStream_t stream) {
-  const DeviceInfo dev = device_info();
+// A GPU newer than every arch of the build (and no PTX it can JIT) raises NotImplementedError with a
+// message fastkd/_cuda_fallback.py recognises, so Python can use the plain PyTorch loss instead.
+DeviceInfo checked_device_info() {
+  const DeviceInfo d = device_info();
+  TORCH_CHECK_NOT_IMPLEMENTED(d.kernel_image, "fastkd: no CUDA kernel image for this GPU (sm_", d.major, d.minor,
+                              "; this build has code for CUDA archs ", FASTKD_CUDA_ARCHS, ")");
+  return d;
+}
+
+LaunchReport launch_rows(const DistillLaunch& a, const DeviceInfo& dev, cudaStream_t stream) {
   switch (a.dtype) {
     case DType::BFloat16: return launch_distill_bfloat16(a, dev, stream);
     case DType::Half: return launch_distill_half(a, dev, stream);
@@ -87,6 +96,7 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
   // even at weight 0) and the hard term when there is a target.
   TORCH_INTERNAL_ASSERT(call.params.has_soft, "fastkd CUDA kernels expect the soft term to be computed");
   const c10::cuda::CUDAGuard guard(student.device());
+  const DeviceInfo dev = checked_device_info();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   // A mixed pair runs in the wider type, as on the CPU: float64 if either is, else float32.
@@ -151,7 +161,7 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
     a.row_soft = row_soft.data_ptr();
     a.row_hard = row_hard.data_ptr();
     a.choice = kernel_choice();
-    const LaunchReport report = launch_rows(a, stream);
+    const LaunchReport report = launch_rows(a, dev, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     g_last_kernel.store(report.kernel);
     g_last_cluster.store(report.cluster);
@@ -183,6 +193,7 @@ void scale_grad_cuda_(at::Tensor& grad, const at::Tensor& grad_output) {
                       grad_output.numel(), " values for ", grad.dim() >= 1 ? grad.size(0) : 1, " rows");
   }
   const c10::cuda::CUDAGuard guard(grad.device());
+  (void)checked_device_info();
   const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor go = grad_output.to(grad.device(), acc).contiguous();
   if (!grad.is_contiguous() || !at::isFloatingType(grad.scalar_type()) ||

@@ -24,7 +24,12 @@ struct DeviceInfo {
   int sm_count = 0;
   int64_t smem_per_sm = 0;         // shared memory per multiprocessor
   int64_t smem_per_block_optin = 0;  // the most one block may opt into
+  bool kernel_image = true;          // this build has code (SASS, or PTX to JIT) the device can run
 };
+
+// Whether the current device can run this build's kernels (false: no SASS for its arch and no PTX
+// the driver can compile for it).
+bool kernel_image_available();
 
 // One call's rows. Student and teacher have the same dtype here (the glue widens a mixed pair) and
 // are row-major (rows, vocab); the gradients are allocated by the glue with the same layout.

@@ -43,6 +43,15 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_rows_kernel(const acc_t
 
 }  // namespace
 
+bool kernel_image_available() {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, mean_scale_kernel);
+  if (err == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return err != cudaErrorNoKernelImageForDevice && err != cudaErrorInvalidDeviceFunction &&
+         err != cudaErrorUnsupportedPtxVersion;
+}
+
 void launch_mean_scale(const int64_t* target, int64_t rows, int64_t ignore_index, double* scale_out,
                        cudaStream_t stream) {
   mean_scale_kernel<<<1, kReduceThreads, 0, stream>>>(target, rows, ignore_index, scale_out);
