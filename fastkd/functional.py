@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from fastkd import ops, reference
+from fastkd._cuda_fallback import fused_or_reference
 from fastkd._validation import check_distill_args
 from fastkd.terms import DistillTerms
 
@@ -121,7 +122,8 @@ def distill_loss(
             student_logits, teacher_logits, target, return_terms=return_terms, **{**kwargs, "beta": resolved_beta}
         )
     if has_kernel(device) and divergence == "forward_kl" and soft_mask is None and num_items_in_batch is None:
-        return _fused_forward_kl(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
+        return fused_or_reference(_fused_forward_kl, student_logits, teacher_logits, target,
+                                  return_terms=return_terms, **kwargs)
     if device.type not in _warned_devices:
         _warned_devices.add(device.type)
         warnings.warn(
@@ -179,8 +181,9 @@ def _fused_rows(
         batch=student_logits.shape[0] if student_logits.dim() > 1 else 1, num_items_in_batch=num_items_in_batch,
     )
     grad_on = torch.is_grad_enabled()
+    # temperature goes in as given: a float() here would make torch.compile(dynamic=True) specialise on it.
     loss_rows, soft_rows, hard_rows, *_ = ops.distill_rows(
-        s, t, y, mask, weights, float(temperature), int(ignore_index), float(label_smoothing), divergence,
+        s, t, y, mask, weights, temperature, int(ignore_index), float(label_smoothing), divergence,
         float(beta), grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad,
     )
     if reduction == "none":

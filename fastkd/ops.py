@@ -103,11 +103,11 @@ class _NoDoubleBackward(torch.autograd.Function):
     be silently constant."""
 
     @staticmethod
-    def forward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         return grad.view_as(grad)
 
     @staticmethod
-    def backward(ctx, _):
+    def backward(ctx, _grad, _anchor=None):
         raise RuntimeError(
             "fastkd.distill_loss does not support double backward (a gradient of its gradient, "
             "create_graph=True); use fastkd.reference.distill_loss for that"
@@ -134,16 +134,25 @@ def _rows_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _ggt, _gscale):
     if grad_loss is None:
         return (None,) * 12
     factor = _row_factor(grad_loss, grad_scale)
-    in_place = _reuse_saved_gradient_in_place(grad_s)
+    # A pre-scaled (float16) gradient is always rescaled into a new tensor: the op's own output is not
+    # changed behind the caller's back when grad_output is 1.
+    in_place = _reuse_saved_gradient_in_place(grad_s) and not _is_prescaled(grad_s, grad_t)
     d_student = d_teacher = None
     if ctx.needs_input_grad[0] and grad_s.numel() > 0:
         d_student = _scaled_rows(grad_s, factor, in_place)
     if ctx.needs_input_grad[1] and grad_t.numel() > 0:
         d_teacher = _scaled_rows(grad_t, factor, in_place)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        d_student = None if d_student is None else _NoDoubleBackward.apply(d_student)
-        d_teacher = None if d_teacher is None else _NoDoubleBackward.apply(d_teacher)
+        # create_graph=True: hand out gradients that raise when differentiated. The anchor (a fresh
+        # leaf) puts them in the graph even when grad_output itself does not require grad.
+        anchor = torch.zeros((), requires_grad=True)
+        d_student = None if d_student is None else _NoDoubleBackward.apply(d_student, anchor)
+        d_teacher = None if d_teacher is None else _NoDoubleBackward.apply(d_teacher, anchor)
     return (d_student, d_teacher) + (None,) * 10
+
+
+def _is_prescaled(grad_s: torch.Tensor, grad_t: torch.Tensor) -> bool:
+    return torch.float16 in (grad_s.dtype, grad_t.dtype)
 
 
 def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -151,9 +160,10 @@ def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> to
         scale_grad_(grad, factor)
         return grad
     # The factor stays float32 (a 0-d or per-row tensor): rounding it to the gradient's dtype first
-    # would add an error of its own.
-    scaled = grad.float() * (factor.reshape(-1, 1) if factor.dim() == 1 else factor)
-    return scaled.to(grad.dtype)
+    # would add an error of its own; the product is rounded once, into the gradient's dtype.
+    if factor.dim() == 0:
+        return grad * factor  # a 0-d factor does not promote: computed in float32, stored as grad
+    return torch.mul(grad, factor.reshape(-1, 1), out=torch.empty_like(grad))
 
 
 torch.library.register_autograd("fastkd::distill_rows", _rows_backward, setup_context=_rows_setup_context)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 

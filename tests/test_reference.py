@@ -454,6 +454,7 @@ def test_compiles_with_symbolic_temperature():
             s, t, y, temperature=temperature, divergence="jsd", beta=beta, soft_mask=mask, num_items_in_batch=5,
         )
 
+    torch._dynamo.reset()  # a float specialised by an earlier test's compile would otherwise stick
     counter = CompileCounter()  # the eager backend, counting compilations
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
     for temperature, beta in ((1.0, 0.5), (2.5, 0.5), (0.7, 0.25), (3.0, 0.75)):

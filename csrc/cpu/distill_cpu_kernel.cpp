@@ -38,7 +38,7 @@ struct VecMath {
   using V = Vectorized<acc_t>;
   static V exp(const V& x) { return fast_exp(x); }
   static V expm1(const V& x) { return fast_expm1(x); }
-  static V log(const V& x) { return x.log(); }
+  static V log(const V& x) { return fast_log(x); }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // propagates NaN
   static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }

@@ -12,6 +12,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <limits>
+
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -28,6 +30,11 @@ constexpr float kP2 = 8.3334519073e-3f;
 constexpr float kP3 = 4.1665795894e-2f;
 constexpr float kP4 = 1.6666665459e-1f;
 constexpr float kP5 = 5.0000001201e-1f;
+// log: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f), f = m - 1 (the Cephes
+// single-precision minimax polynomial, ~1 ulp).
+constexpr float kSqrtHalf = 0.707106781186547524f;
+constexpr float kL[9] = {7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                         -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f};
 }  // namespace vec_exp_detail
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -69,6 +76,32 @@ inline at::vec::Vectorized<float> fast_expm1(const at::vec::Vectorized<float>& x
                            _mm512_set1_ps(-1.0f));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x_in, x_in, _CMP_UNORD_Q), y, x_in);
 }
+// log(x) for normal x > 0, +inf at +inf, -inf at 0, NaN for x < 0 or NaN (subnormal x: inexact).
+inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& xv) {
+  using namespace vec_exp_detail;
+  const __m512 x = xv;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512i xi = _mm512_castps_si512(x);
+  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(126)));
+  __m512 m = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrtHalf), _CMP_LT_OQ);
+  e = _mm512_mask_sub_ps(e, small, e, one);
+  m = _mm512_mask_add_ps(_mm512_sub_ps(m, one), small, _mm512_sub_ps(m, one), m);
+  const __m512 z = _mm512_mul_ps(m, m);
+  __m512 y = _mm512_set1_ps(kL[0]);
+  for (int i = 1; i < 9; ++i) y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(kL[i]));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, m), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Lo), y);
+  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+  __m512 r = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Hi), _mm512_add_ps(m, y));
+  r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ), r,
+                           _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ),
+                           r, x);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NGE_UQ), r,
+                              _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+}
 #elif defined(CPU_CAPABILITY_AVX2)
 inline void exp_parts(__m256 x_in, __m256& two_n, __m256& pm1, __m256& n) {
   using namespace vec_exp_detail;
@@ -106,10 +139,37 @@ inline at::vec::Vectorized<float> fast_expm1(const at::vec::Vectorized<float>& x
                        _mm256_cmp_ps(x_in, _mm256_set1_ps(vec_exp_detail::kMinArg), _CMP_LT_OQ));
   return _mm256_blendv_ps(y, x_in, _mm256_cmp_ps(x_in, x_in, _CMP_UNORD_Q));
 }
+// log(x) for normal x > 0, +inf at +inf, -inf at 0, NaN for x < 0 or NaN (subnormal x: inexact).
+inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& xv) {
+  using namespace vec_exp_detail;
+  const __m256 x = xv;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrtHalf), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  m = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(small, m));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(kL[0]);
+  for (int i = 1; i < 9; ++i) y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL[i]));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  __m256 r = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(m, y));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                       _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  r = _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ));
+  return _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                          _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NGE_UQ));
+}
 #else
 inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) { return x.exp(); }
 inline at::vec::Vectorized<float> fast_expm1(const at::vec::Vectorized<float>& x) { return x.expm1(); }
+inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& x) { return x.log(); }
 #endif
 
 inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 inline at::vec::Vectorized<double> fast_expm1(const at::vec::Vectorized<double>& x) { return x.expm1(); }
+inline at::vec::Vectorized<double> fast_log(const at::vec::Vectorized<double>& x) { return x.log(); }
