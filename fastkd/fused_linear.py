@@ -1,0 +1,396 @@
+"""``fastkd.fused_linear_distill_loss``: the distillation loss from hidden states and lm_head weights,
+in row chunks, so the N x V logits of a large vocabulary never exist at once.
+
+Per chunk of rows: the logits of both heads (torch's matmul), the fused loss and its logits gradient
+(fastkd's op, weighted with the global normalisers so "mean" and ``num_items_in_batch`` are exact over
+all rows), then the gradients of the hidden states and weights (matmuls again; weight gradients
+accumulate in float32). The chunked-loss idea is the one of Liger-Kernel's fused linear losses and
+Apple's Cut Cross-Entropy; this one fuses the hard term, T^2, the divergence family and the teacher's
+gradient too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastkd import ops
+from fastkd._validation import check_distill_args
+from fastkd.functional import _row_weights
+from fastkd.terms import DistillTerms
+
+# Bytes one chunk's logits buffer may take (per head, and as many again for its gradient).
+_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What turns hidden states into logits: z = logit_scale (h W^T + b), then softcap tanh(z / softcap)."""
+
+    vocab: int
+    logit_scale: float
+    softcap: float | None
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        z = h @ w[: self.vocab].T
+        if b is not None:
+            z = z + b[: self.vocab]
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def to_pre_activation(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """d loss / d (h W^T + b) from d loss / d logits (through softcap and logit_scale)."""
+        if self.softcap is not None:
+            capped = logits.to(grad.dtype) / self.softcap
+            grad = grad * (1.0 - capped * capped)
+        if self.logit_scale != 1.0:
+            grad = grad * self.logit_scale
+        return grad
+
+
+@dataclass
+class _Side:
+    """One head's inputs and, when wanted, its gradient accumulators."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    logits: torch.Tensor | None  # dense teacher logits instead of hidden / weight
+    grad_hidden: torch.Tensor | None = None
+    grad_weight: torch.Tensor | None = None  # float32
+    grad_bias: torch.Tensor | None = None  # float32
+    grad_logits: torch.Tensor | None = None
+
+    def chunk_logits(self, head: _Head, rows: slice) -> torch.Tensor:
+        if self.logits is not None:
+            return self.logits[rows, : head.vocab]
+        return head.logits(self.hidden[rows], self.weight, self.bias)
+
+    def wants_grad(self) -> bool:
+        return any(x is not None for x in (self.grad_hidden, self.grad_weight, self.grad_bias, self.grad_logits))
+
+    def accumulate(self, head: _Head, rows: slice, grad: torch.Tensor, logits: torch.Tensor) -> None:
+        """Adds one chunk's logits gradient to the gradients of this side's inputs."""
+        if self.grad_logits is not None:
+            self.grad_logits[rows, : head.vocab] = grad.to(self.grad_logits.dtype)
+            return
+        g = head.to_pre_activation(grad, logits)
+        if self.grad_hidden is not None:
+            self.grad_hidden[rows] = (g.to(self.weight.dtype) @ self.weight[: head.vocab]).to(self.grad_hidden.dtype)
+        if self.grad_weight is not None:
+            # float32 accumulation across chunks: bf16 weight gradients stay within bf16 rounding.
+            acc = self.grad_weight.dtype
+            self.grad_weight[: head.vocab].addmm_(g.to(acc).T, self.hidden[rows].to(acc))
+        if self.grad_bias is not None:
+            self.grad_bias[: head.vocab] += g.to(self.grad_bias.dtype).sum(0)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _default_chunk_size(vocab: int, element_bytes: int) -> int:
+    return max(1, _CHUNK_BYTES // max(1, vocab * max(element_bytes, 4)))
+
+
+def _run_chunks(
+    student: _Side, teacher: _Side, head: _Head, target: torch.Tensor | None, soft_mask: torch.Tensor | None,
+    weights: torch.Tensor, chunk_size: int, row_grad: torch.Tensor | None, kw: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over all rows: the per-row loss terms, and the gradients into the sides' accumulators
+    (each row's logits gradient scaled by row_grad when given: reduction "none")."""
+    n = student.hidden.shape[0]
+    want_s, want_t = student.wants_grad(), teacher.wants_grad()
+    loss_rows, soft_rows, hard_rows = [], [], []
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(n, start + chunk_size))
+        zs = student.chunk_logits(head, rows)
+        zt = teacher.chunk_logits(head, rows)
+        loss, soft, hard, gs, gt, grad_scale = ops.distill_rows(
+            zs, zt, None if target is None else target[rows], None if soft_mask is None else soft_mask[rows],
+            weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"],
+            want_s, want_t,
+        )
+        loss_rows.append(loss)
+        soft_rows.append(soft)
+        hard_rows.append(hard)
+        for side, g, z, wanted in ((student, gs, zs, want_s), (teacher, gt, zt, want_t)):
+            if not wanted:
+                continue
+            factor = 1.0 / grad_scale
+            if row_grad is not None:
+                factor = row_grad[rows].reshape(-1, 1) * factor
+            side.accumulate(head, rows, g.to(_accumulation_dtype(g.dtype)) * factor, z)
+    return torch.cat(loss_rows), torch.cat(soft_rows), torch.cat(hard_rows)
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Forward computes the loss and, for a reduced loss, every gradient (backward scales them by
+    grad_output); for reduction "none" backward runs the chunks again with per-row grad_output."""
+
+    @staticmethod
+    def forward(ctx, cfg: dict, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
+        head, kw = cfg["head"], cfg["kw"]
+        student = _Side(s_hidden, s_weight, s_bias, None)
+        teacher = _Side(t_hidden, t_weight, t_bias, t_logits)
+        per_row = cfg["reduction"] == "none"
+        needs = ctx.needs_input_grad[1:]
+        if not per_row and any(needs):
+            _allocate_grads(student, teacher, needs, head)
+        loss_rows, soft_rows, hard_rows = _run_chunks(
+            student, teacher, head, cfg["target"], cfg["soft_mask"], cfg["weights"], cfg["chunk_size"], None, kw,
+        )
+        ctx.cfg = cfg
+        ctx.per_row = per_row
+        if per_row:
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+        else:
+            ctx.grads = _collect_grads(student, teacher, needs)
+        ctx.mark_non_differentiable(soft_rows, hard_rows)
+        return loss_rows, soft_rows, hard_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss_rows, _grad_soft, _grad_hard):
+        if ctx.per_row:
+            inputs = ctx.saved_tensors
+            student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], inputs[6])
+            _allocate_grads(student, teacher, ctx.needs_input_grad[1:], ctx.cfg["head"])
+            cfg = ctx.cfg
+            _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
+                        cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
+            grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
+        else:
+            # The loss was summed: every row's grad_output is the same.
+            scale = grad_loss_rows.reshape(-1)[:1].reshape(())
+            grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
+                     for g in ctx.grads]
+        return (None, *grads)
+
+
+def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...], head: _Head) -> None:
+    def zeros32(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape, dtype=_accumulation_dtype(x.dtype), device=x.device)
+
+    for side, (need_h, need_w, need_b) in ((student, needs[0:3]), (teacher, needs[3:6])):
+        if need_h:
+            side.grad_hidden = torch.empty_like(side.hidden)
+        if need_w:
+            side.grad_weight = zeros32(side.weight)
+        if need_b:
+            side.grad_bias = zeros32(side.bias)
+    if needs[6]:
+        teacher.grad_logits = torch.zeros_like(teacher.logits)
+
+
+def _collect_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = []
+    for side in (student, teacher):
+        out.append(side.grad_hidden)
+        out.append(None if side.grad_weight is None else side.grad_weight.to(side.weight.dtype))
+        out.append(None if side.grad_bias is None else side.grad_bias.to(side.bias.dtype))
+    out.append(teacher.grad_logits)
+    return [g if need else None for g, need in zip(out, needs, strict=True)]
+
+
+def _check_head_args(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None, teacher_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None, vocab_size: int | None, chunk_size: int | None,
+    logit_scale: float, softcap: float | None,
+) -> int:
+    """Raise for inconsistent head inputs; return the vocabulary size used."""
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if student_weight.dim() != 2 or student_hidden.dim() < 1:
+        raise ValueError(f"student_weight must be (V, H) and student_hidden (..., H), got {tuple(student_weight.shape)} "
+                         f"and {tuple(student_hidden.shape)}")
+    if student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_hidden has H = {student_hidden.shape[-1]} but student_weight is "
+                         f"{tuple(student_weight.shape)} (V, H): the hidden sizes must match")
+    has_head = teacher_hidden is not None or teacher_weight is not None
+    if has_head == (teacher_logits is not None):
+        raise ValueError("give the teacher as teacher_hidden and teacher_weight, or as teacher_logits (exactly one)")
+    vocabs = {"student_weight": student_weight.shape[0]}
+    if has_head:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight go together")
+        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(f"teacher_hidden has H = {teacher_hidden.shape[-1]} but teacher_weight is "
+                             f"{tuple(teacher_weight.shape)} (V, H): the hidden sizes must match")
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+                             f"{tuple(student_hidden.shape)} must have the same leading (row) dimensions")
+        vocabs["teacher_weight"] = teacher_weight.shape[0]
+    else:
+        if not isinstance(teacher_logits, torch.Tensor):
+            raise TypeError(f"teacher_logits must be a dense torch.Tensor here, got {type(teacher_logits).__name__}")
+        if teacher_logits.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must have the rows of student_hidden "
+                             f"{tuple(student_hidden.shape)} (leading dimensions)")
+        vocabs["teacher_logits"] = teacher_logits.shape[-1]
+    for name, bias, weight_vocab in (("student_bias", student_bias, student_weight.shape[0]),
+                                     ("teacher_bias", teacher_bias, vocabs.get("teacher_weight"))):
+        if bias is not None and (weight_vocab is None or tuple(bias.shape) != (weight_vocab,)):
+            raise ValueError(f"{name} must have shape ({weight_vocab},), got {tuple(bias.shape)}")
+    smallest = min(vocabs.values())
+    if vocab_size is None:
+        if len(set(vocabs.values())) > 1:
+            larger = max(vocabs, key=vocabs.get)
+            raise ValueError(
+                f"vocabulary sizes differ ({', '.join(f'{k}: {v}' for k, v in vocabs.items())}): pass "
+                f"vocab_size={smallest} to use the first {smallest} entries of each (the larger {larger} is "
+                "read in place, not copied)"
+            )
+        vocab_size = smallest
+    if not isinstance(vocab_size, int) or not 0 < vocab_size <= smallest:
+        raise ValueError(f"vocab_size must be an int in [1, {smallest}] (the smallest vocabulary given), "
+                         f"got {vocab_size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
+    if not isinstance(logit_scale, (int, float)) or logit_scale == 0:
+        raise ValueError(f"logit_scale must be a non-zero float, got {logit_scale!r}")
+    return vocab_size
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    divergence: str = "forward_kl",
+    beta: float | None = None,
+    soft_mask: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_terms: bool = False,
+) -> torch.Tensor | DistillTerms:
+    """:func:`fastkd.distill_loss` of ``head(student_hidden)`` against the teacher, without N x V logits.
+
+    ``head(h, W, b) = softcap * tanh(z / softcap)`` (z when ``softcap`` is None, as Gemma's final-logit
+    soft-capping), ``z = logit_scale * (h W^T + b)``. The teacher is ``head(teacher_hidden,
+    teacher_weight, teacher_bias)`` or dense ``teacher_logits``. Equal to
+    ``distill_loss(head(student_hidden, ...), teacher, target, ...)`` for every keyword of
+    :func:`fastkd.distill_loss`, computed in chunks of ``chunk_size`` rows: at most chunk_size x V logits
+    (and as many gradient entries) per head exist at a time; the default keeps each such buffer near
+    64 MiB. "mean" and ``num_items_in_batch`` normalise over all rows, not per chunk.
+
+    Args:
+        student_hidden: ``(..., H_s)`` final hidden states (rows are the leading dimensions).
+        student_weight: ``(V_s, H_s)`` lm_head weight; ``student_bias``: ``(V_s,)`` or None.
+        target: ``(...)`` integer classes or ``ignore_index`` (already shifted for causal LMs).
+        teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V_t, H_t)``, ``(V_t,)``.
+        teacher_logits: ``(..., V_t)`` instead of the teacher's head.
+        logit_scale, softcap: the head's output scaling and soft cap (both heads).
+        vocab_size: use only the first ``vocab_size`` rows of each weight / entries of dense teacher
+            logits (a teacher vocabulary padded beyond the student's); required when they differ.
+        chunk_size: rows per chunk (default: from V).
+
+    Returns:
+        The loss (float32, float64 for float64 inputs) or ``DistillTerms``. Gradients flow to every input
+        that requires grad (both heads: online distillation); weight and bias gradients accumulate in
+        float32 and come back in their own dtype.
+
+    Raises:
+        TypeError, ValueError: bad arguments (sizes that do not match, vocabularies that differ without
+            ``vocab_size``, everything :func:`fastkd.distill_loss` checks), before any matmul runs.
+    """
+    vocab = _check_head_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                             teacher_bias, teacher_logits, vocab_size, chunk_size, logit_scale, softcap)
+    rows_shape = student_hidden.shape[:-1]
+    # Logits-shaped stand-ins that hold no memory (stride 0), for the checks distill_loss makes.
+    probe = student_hidden.new_zeros(()).expand(*rows_shape, vocab)
+    beta = check_distill_args(
+        probe, probe, target, temperature, alpha, label_smoothing, reduction,
+        divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
+    )
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    y = None if target is None else target.reshape(-1)
+    mask = None if soft_mask is None else soft_mask.reshape(-1)
+    weights, soft_norm, hard_norm = _row_weights(
+        h_s, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
+        ignore_index=ignore_index, reduction=reduction,
+        batch=student_hidden.shape[0] if student_hidden.dim() > 1 else 1, num_items_in_batch=num_items_in_batch,
+    )
+    head = _Head(vocab, float(logit_scale), None if softcap is None else float(softcap))
+    cfg = dict(
+        head=head, target=y, soft_mask=mask, weights=weights, reduction=reduction,
+        chunk_size=chunk_size or _default_chunk_size(vocab, student_hidden.element_size()),
+        kw=dict(temperature=float(temperature), ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+                divergence=divergence, beta=float(beta)),
+    )
+    t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    loss_rows, soft_rows, hard_rows = _FusedLinearDistill.apply(
+        cfg, h_s, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias, t_logits,
+    )
+    if reduction == "none":
+        terms = DistillTerms(loss_rows.reshape(rows_shape), soft_rows.reshape(rows_shape), hard_rows.reshape(rows_shape))
+    else:
+        loss = loss_rows.sum()
+        terms = DistillTerms(loss, (soft_rows.sum() * soft_norm).to(loss.dtype), (hard_rows.sum() * hard_norm).to(loss.dtype))
+    return terms if return_terms else terms.loss
+
+
+class FusedLinearDistillLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_distill_loss`: the loss keywords in ``__init__``, the tensors in
+    ``forward``.
+
+    Example::
+
+        criterion = fastkd.FusedLinearDistillLoss(temperature=2.0, alpha=0.5, divergence="jsd")
+        loss = criterion(student_hidden, student.lm_head.weight, labels,
+                         teacher_hidden=teacher_hidden, teacher_weight=teacher.lm_head.weight)
+    """
+
+    def __init__(self, **loss_kwargs) -> None:
+        super().__init__()
+        tensor_args = {"teacher_hidden", "teacher_weight", "teacher_logits", "student_bias", "teacher_bias",
+                       "soft_mask", "num_items_in_batch"}
+        bad = sorted(set(loss_kwargs) & tensor_args)
+        if bad:
+            raise TypeError(f"{', '.join(bad)} go to forward(), not __init__()")
+        self.loss_kwargs = loss_kwargs
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        soft_mask: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        return_terms: bool = False,
+    ) -> torch.Tensor | DistillTerms:
+        return fused_linear_distill_loss(
+            student_hidden, student_weight, target, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias, soft_mask=soft_mask,
+            num_items_in_batch=num_items_in_batch, return_terms=return_terms, **self.loss_kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.loss_kwargs.items())

@@ -1,0 +1,176 @@
+"""fastkd.fused_linear_distill_loss: equal to the loss of the materialised logits, in any chunking."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastkd
+from fastkd._validation import DIVERGENCE_NAMES
+
+F64 = torch.float64
+
+
+def _case(dtype=F64, n=23, h_s=12, h_t=20, vocab=97, teacher_extra=0, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype).requires_grad_()
+
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[::5] = -100
+    return dict(
+        hs=rand(n, h_s), ws=rand(vocab, h_s, scale=0.4), bs=rand(vocab) if bias else None,
+        ht=rand(n, h_t), wt=rand(vocab + teacher_extra, h_t, scale=0.4), y=y, vocab=vocab,
+    )
+
+
+def _head(h, w, b, vocab, logit_scale=1.0, softcap=None):
+    z = h @ w[:vocab].T
+    if b is not None:
+        z = z + b[:vocab]
+    z = z * logit_scale
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def _inputs(c):
+    return [x for x in (c["hs"], c["ws"], c["bs"], c["ht"], c["wt"]) if x is not None]
+
+
+def _fused(c, chunk_size=None, **kw):
+    head_kw = {k: kw.pop(k) for k in ("logit_scale", "softcap") if k in kw}
+    loss = fastkd.fused_linear_distill_loss(
+        c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"], student_bias=c["bs"],
+        vocab_size=c["vocab"], chunk_size=chunk_size, **head_kw, **kw)
+    out = loss.sum() if kw.get("reduction") == "none" else loss
+    return loss, torch.autograd.grad(out, _inputs(c))
+
+
+def _materialised(c, **kw):
+    head_kw = {k: kw.pop(k) for k in ("logit_scale", "softcap") if k in kw}
+    zs = _head(c["hs"], c["ws"], c["bs"], c["vocab"], **head_kw)
+    zt = _head(c["ht"], c["wt"], None, c["vocab"], **head_kw)
+    loss = fastkd.reference.distill_loss(zs, zt, c["y"], **kw)
+    out = loss.sum() if kw.get("reduction") == "none" else loss
+    return loss, torch.autograd.grad(out, _inputs(c))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_equals_the_materialised_loss(divergence, reduction):
+    c = _case(teacher_extra=7)
+    kw = dict(temperature=1.7, alpha=0.4, label_smoothing=0.1, divergence=divergence, reduction=reduction,
+              logit_scale=0.9, softcap=6.0)
+    got, got_grads = _fused(c, chunk_size=5, **dict(kw))
+    want, want_grads = _materialised(c, **dict(kw))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None, 23])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    c = _case()
+    kw = dict(temperature=2.0, alpha=0.5, divergence="jsd")
+    want, want_grads = _fused(c, chunk_size=23, **dict(kw))
+    got, got_grads = _fused(c, chunk_size=chunk_size, **dict(kw))
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+
+
+def test_num_items_in_batch_and_soft_mask_normalise_over_all_rows():
+    c = _case()
+    mask = torch.ones(23, dtype=torch.bool)
+    mask[3] = False
+    kw = dict(temperature=2.0, alpha=0.7, num_items_in_batch=41, soft_mask=mask)
+    got, got_grads = _fused(c, chunk_size=4, **dict(kw))
+    want, want_grads = _materialised(c, **dict(kw))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "tvd"])
+def test_gradcheck(divergence):
+    c = _case(n=6, h_s=4, h_t=5, vocab=9)
+
+    def fn(hs, ws, bs, ht, wt):
+        return fastkd.fused_linear_distill_loss(hs, ws, c["y"], teacher_hidden=ht, teacher_weight=wt, student_bias=bs,
+                                                temperature=1.3, alpha=0.6, divergence=divergence, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, tuple(_inputs(c)))
+
+
+def test_dense_teacher_logits_with_a_padded_vocabulary_get_their_gradient():
+    c = _case()
+    wide = (torch.randn(23, c["vocab"] + 11, dtype=F64) * 2).requires_grad_()
+    loss = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_logits=wide, student_bias=c["bs"],
+                                            vocab_size=c["vocab"], temperature=2.0, chunk_size=6)
+    g_hs, g_wide = torch.autograd.grad(loss, [c["hs"], wide])
+    zs = _head(c["hs"], c["ws"], c["bs"], c["vocab"])
+    want = fastkd.reference.distill_loss(zs, wide[:, : c["vocab"]], c["y"], temperature=2.0)
+    w_hs, w_wide = torch.autograd.grad(want, [c["hs"], wide])
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_hs, w_hs, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(g_wide, w_wide, rtol=1e-10, atol=1e-13)
+    assert torch.all(g_wide[:, c["vocab"]:] == 0)
+
+
+def test_bf16_weight_gradients_are_within_bf16_rounding_of_float64():
+    c = _case(dtype=torch.bfloat16, n=256, h_s=64, h_t=64, vocab=500, bias=False)
+    c64 = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in c.items()}
+    _, (_, g_ws, _, g_wt) = _fused(c, chunk_size=50, temperature=2.0, alpha=0.5)
+    _, (_, w_ws, _, w_wt) = _materialised(c64, temperature=2.0, alpha=0.5)
+    for got, want in ((g_ws, w_ws), (g_wt, w_wt)):
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 1.5e-2, rel  # the logits are bf16 (8 bits): ~2 of their ulps; a peer shipped 4-23 %
+
+
+def test_module_form_equals_the_function():
+    c = _case()
+    crit = fastkd.FusedLinearDistillLoss(temperature=2.0, alpha=0.3, divergence="skew_forward_kl", beta=0.2,
+                                         vocab_size=c["vocab"], chunk_size=8)
+    a = crit(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"], student_bias=c["bs"])
+    b = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"],
+                                         student_bias=c["bs"], temperature=2.0, alpha=0.3, divergence="skew_forward_kl",
+                                         beta=0.2, vocab_size=c["vocab"], chunk_size=8)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="go to forward"):
+        fastkd.FusedLinearDistillLoss(teacher_hidden=c["ht"])
+
+
+def test_no_full_logits_are_built():
+    """Peak memory does not hold N x V logits: the profiler sees no allocation of one N x V float tensor."""
+    n, vocab = 512, 4000
+    hs = torch.randn(n, 32, requires_grad=True)
+    ws = torch.randn(vocab, 32, requires_grad=True)
+    ht, wt = torch.randn(n, 48), torch.randn(vocab, 48)
+    y = torch.randint(0, vocab, (n,))
+    full = n * vocab * 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = fastkd.fused_linear_distill_loss(hs, ws, y, teacher_hidden=ht, teacher_weight=wt, chunk_size=64,
+                                                temperature=2.0)
+        loss.backward()
+    biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert biggest < full // 4, (biggest, full)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(teacher_hidden=None, teacher_weight=None), "exactly one"),
+        (dict(teacher_weight=torch.randn(97, 7)), "hidden sizes must match"),
+        (dict(vocab_size=None, teacher_weight=torch.randn(120, 20)), "vocab_size=97"),
+        (dict(vocab_size=98), r"vocab_size must be an int in \[1, 97\]"),
+        (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(softcap=0.0), "softcap must be > 0"),
+        (dict(divergence="kl"), "divergence must be one of"),
+    ],
+)
+def test_bad_input_is_named(kwargs, match):
+    c = _case()
+    base = dict(teacher_hidden=c["ht"], teacher_weight=c["wt"], vocab_size=c["vocab"])
+    base.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], **base)
