@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd import ops
+from fastkd import ops, reference
 from fastkd._validation import check_distill_args
-from fastkd.functional import _row_weights
+from fastkd.functional import _has_rows_kernel_for, _row_weights
 from fastkd.terms import DistillTerms
 
 # Bytes one chunk's logits buffer may take (per head, and as many again for its gradient).
@@ -104,12 +104,14 @@ def _run_chunks(
     (each row's logits gradient scaled by row_grad when given: reduction "none")."""
     n = student.hidden.shape[0]
     want_s, want_t = student.wants_grad(), teacher.wants_grad()
+    # The fused op where this build has it for the device, else its plain PyTorch twin.
+    rows_op = ops.distill_rows if _has_rows_kernel_for(student.hidden.device.type) else reference.distill_rows
     loss_rows, soft_rows, hard_rows = [], [], []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         zs = student.chunk_logits(head, rows)
         zt = teacher.chunk_logits(head, rows)
-        loss, soft, hard, gs, gt, grad_scale = ops.distill_rows(
+        loss, soft, hard, gs, gt, grad_scale = rows_op(
             zs, zt, None if target is None else target[rows], None if soft_mask is None else soft_mask[rows],
             weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"],
             want_s, want_t,

@@ -174,3 +174,31 @@ def distill_loss(
     c = temperature**2 if scale_by_temperature_squared else 1.0
     loss = alpha * c * soft + (1.0 - alpha) * hard
     return DistillTerms(loss, soft.detach(), hard.detach()) if return_terms else loss
+
+
+def distill_rows(
+    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, soft_mask: torch.Tensor | None,
+    weights: torch.Tensor, temperature: float, ignore_index: int, label_smoothing: float, divergence: str,
+    beta: float, student_grad: bool, teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.fastkd.distill_rows`` in plain PyTorch (same arguments and outputs, 2-D logits): the
+    per-row terms soft_i (rows in S) and hard_i (rows with a target), loss_i = weights[0] soft_i +
+    weights[1] hard_i, and the gradients of sum_i loss_i (grad_scale 1). The fallback of callers that
+    work in chunks of rows on a device without the kernel."""
+    jsd_end = {"jsd": {0.0: "forward_kl", 1.0: "reverse_kl"}}.get(divergence, {}).get(beta)
+    takes_beta = divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl")
+    kw = dict(temperature=temperature, ignore_index=ignore_index, label_smoothing=label_smoothing,
+              divergence=jsd_end or divergence, beta=beta if takes_beta and jsd_end is None else None,
+              soft_mask=soft_mask, reduction="none", scale_by_temperature_squared=False)
+    with torch.enable_grad():
+        s = student.detach().requires_grad_(student_grad)
+        t = teacher.detach().requires_grad_(teacher_grad)
+        soft = distill_loss(s, t, target, alpha=1.0, **kw)
+        hard = distill_loss(s, t, target, alpha=0.0, **kw) if target is not None else torch.zeros_like(soft)
+        loss = weights[0].to(soft.dtype) * soft + weights[1].to(hard.dtype) * hard
+        wanted = [x for x, w in ((s, student_grad), (t, teacher_grad)) if w]
+        grads = list(torch.autograd.grad(loss.sum(), wanted)) if wanted else []
+    grad_s = grads.pop(0) if student_grad else student.new_empty((0,))
+    grad_t = grads.pop(0) if teacher_grad else teacher.new_empty((0,))
+    one = torch.ones((), dtype=torch.float32, device=student.device)
+    return loss.detach(), soft.detach(), hard.detach(), grad_s, grad_t, one

@@ -174,3 +174,20 @@ def test_bad_input_is_named(kwargs, match):
     base.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], **base)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_devices_without_the_kernel_run_the_plain_pytorch_rows(monkeypatch, divergence, reduction):
+    """Where the build has no fused kernel for the device, each chunk runs fastkd.reference.distill_rows:
+    the same result."""
+    import fastkd.fused_linear as fused_linear
+
+    c = _case(teacher_extra=3)
+    kw = dict(temperature=1.7, alpha=0.4, label_smoothing=0.1, divergence=divergence, reduction=reduction)
+    want, want_grads = _fused(c, chunk_size=5, **dict(kw))
+    monkeypatch.setattr(fused_linear, "_has_rows_kernel_for", lambda device_type: False)
+    got, got_grads = _fused(c, chunk_size=5, **dict(kw))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
