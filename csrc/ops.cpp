@@ -21,4 +21,12 @@ TORCH_LIBRARY(fastkd, m) {
   // grad *= grad_output in place: grad_output is a scalar, or one value per row of grad.
   // A grad_output of exactly 1 leaves grad untouched without a pass over it.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // distill_rows with the teacher given as its top-k entries: indices (rows, K) int32 / int64 and
+  // values (rows, K) (-inf: a padding slot); `tail` is "renormalize" or "bucket" (docs/spec.md).
+  // The same weights / grad_scale contract; the teacher gets no gradient.
+  m.def(
+      "sparse_distill_rows(Tensor student, Tensor indices, Tensor values, Tensor? target, Tensor? soft_mask, "
+      "Tensor weights, float temperature, int ignore_index, float label_smoothing, str divergence, float beta, "
+      "str tail, bool student_grad) "
+      "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_scale)");
 }

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from fastkd.sparse import SparseTeacher
+
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _SYMBOLIC = (torch.SymInt, torch.SymFloat)
@@ -119,9 +121,67 @@ def _check_num_items(num_items_in_batch: object, reduction: str, device: torch.d
         raise ValueError(f"num_items_in_batch must be > 0, got {value}")
 
 
+def check_sparse_teacher(student_logits: torch.Tensor, teacher: SparseTeacher) -> None:
+    """Check a SparseTeacher against the student: dtypes, shapes ``(..., K)`` with the student's
+    leading dimensions, the device, no gradient, and on the CPU the indices of the valid (non -inf)
+    slots: in ``[0, V)`` (IndexError) and not repeated within a row (ValueError). On other devices the
+    index values are not read (that would synchronise with the host)."""
+    idx, val = teacher.indices, teacher.values
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"teacher_logits.indices (SparseTeacher) must be int32 or int64, got {idx.dtype}")
+    if val.dtype not in _LOGIT_DTYPES:
+        raise TypeError(
+            f"teacher_logits.values (SparseTeacher) must be float32, bfloat16, float16 or float64, got {val.dtype}"
+        )
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(idx.shape) != tuple(val.shape):
+        raise ValueError(
+            f"teacher_logits.indices and teacher_logits.values (SparseTeacher) must have the same shape, got "
+            f"{tuple(idx.shape)} and {tuple(val.shape)}"
+        )
+    if idx.dim() < 1 or tuple(idx.shape[:-1]) != lead or idx.shape[-1] < 1:
+        raise ValueError(
+            f"teacher_logits (SparseTeacher) indices and values must have shape {lead + ('K',)} with K >= 1 "
+            f"(student_logits.shape[:-1] + (K,)), got {tuple(idx.shape)}"
+        )
+    device = student_logits.device
+    for name, x in (("indices", idx), ("values", val)):
+        if x.device != device:
+            raise ValueError(f"teacher_logits.{name} is on {x.device} but student_logits is on {device}")
+    if val.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "teacher_logits.values (SparseTeacher) requires grad, but the sparse teacher is not differentiable "
+            "(offline distillation); pass values.detach(), or a dense teacher for online distillation"
+        )
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    vocab = student_logits.shape[-1]
+    k = idx.shape[-1]
+    flat_idx = idx.reshape(-1, k).long()
+    valid = val.reshape(-1, k) != float("-inf")
+    bad = valid & ((flat_idx < 0) | (flat_idx >= vocab))
+    if bool(bad.any()):
+        row, slot = (int(i) for i in bad.nonzero()[0])
+        raise IndexError(
+            f"teacher_logits.indices (SparseTeacher) holds {int(flat_idx[row, slot])} at row {row}, slot {slot}: "
+            f"out of range, expected a vocabulary index in [0, {vocab})"
+        )
+    if k > 1:
+        # Padding slots get distinct negative stand-ins so that only valid indices can collide.
+        stand_in = -1 - torch.arange(k, device=flat_idx.device).expand_as(flat_idx)
+        ordered = torch.where(valid, flat_idx, stand_in).sort(dim=-1).values
+        dup = ordered[:, 1:] == ordered[:, :-1]
+        if bool(dup.any()):
+            row, slot = (int(i) for i in dup.nonzero()[0])
+            raise ValueError(
+                f"teacher_logits.indices (SparseTeacher) lists index {int(ordered[row, slot])} twice in row {row}; "
+                "each vocabulary index may appear once per row"
+            )
+
+
 def check_distill_args(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     target: torch.Tensor | None,
     temperature: float,
     alpha: float,
@@ -138,14 +198,17 @@ def check_distill_args(
     Returns the resolved beta: ``beta`` itself, the divergence's default when it is None, or 0.0 for a
     divergence that takes no beta.
     """
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    dense = (("student_logits", student_logits),) + (() if sparse else (("teacher_logits", teacher_logits),))
+    for name, x in dense:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor or a fastkd.SparseTeacher, got {type(x).__name__}")
         if x.dtype not in _LOGIT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
         if x.dim() < 1:
             raise ValueError(f"{name} must have at least one dimension (..., vocab), got a 0-d tensor")
-    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    s_shape = tuple(student_logits.shape)
+    t_shape = s_shape if sparse else tuple(teacher_logits.shape)
     if s_shape != t_shape:
         if s_shape[:-1] == t_shape[:-1]:
             raise ValueError(_vocab_mismatch_message(s_shape, t_shape))
@@ -155,7 +218,9 @@ def check_distill_args(
     if s_shape[-1] == 0:
         raise ValueError(f"student_logits has an empty vocabulary (last dimension is 0), shape {s_shape}")
     device = student_logits.device
-    if teacher_logits.device != device:
+    if sparse:
+        check_sparse_teacher(student_logits, teacher_logits)
+    elif teacher_logits.device != device:
         raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on {device}")
     if not _is_real(temperature):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")

@@ -8,6 +8,7 @@ import torch
 from fastkd import ops, reference
 from fastkd._cuda_fallback import fused_or_reference
 from fastkd._validation import check_distill_args
+from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
 _warned_devices: set[str] = set()
@@ -29,6 +30,7 @@ def _kernel_device_types(op: str) -> frozenset[str]:
 
 _FORWARD_KL_KERNELS = _kernel_device_types("fastkd::distill_forward")
 _ROWS_KERNELS = _kernel_device_types("fastkd::distill_rows")
+_SPARSE_KERNELS = _kernel_device_types("fastkd::sparse_distill_rows")
 
 
 def _has_kernel_for(device_type: str) -> bool:
@@ -41,7 +43,7 @@ def _has_rows_kernel_for(device_type: str) -> bool:
 
 def distill_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     target: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
@@ -85,7 +87,8 @@ def distill_loss(
         student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64. Any row stride: a vocabulary
             slice ``x[..., :V]`` of wider logits is read in place, not copied.
         teacher_logits: same shape; its dtype may differ. Gets a gradient when it requires one
-            (online / mutual distillation).
+            (online / mutual distillation). Or a :class:`fastkd.SparseTeacher` (or the result of
+            ``torch.topk``): the teacher's top-k entries, never expanded to N x V (``fastkd.sparse``).
         target: ``(...)`` integer class indices or ``ignore_index``; optional only when ``alpha == 1``.
         temperature: softmax temperature T > 0.
         alpha: weight of the soft (distillation) term, in [0, 1].
@@ -107,6 +110,7 @@ def distill_loss(
         TypeError, ValueError: bad arguments, named, before any kernel runs. IndexError: a target
             outside [0, V) that is not ``ignore_index`` (CPU; a device-side assert on CUDA).
     """
+    teacher_logits = as_teacher(teacher_logits)  # a torch.topk result is a SparseTeacher
     resolved_beta = check_distill_args(
         student_logits, teacher_logits, target, temperature, alpha, label_smoothing, reduction,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
@@ -117,11 +121,16 @@ def distill_loss(
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
     device = student_logits.device
-    if _has_rows_kernel_for(device.type):
+    if _tuned_forward_kl_applies(student_logits, teacher_logits, divergence, soft_mask, num_items_in_batch):
+        return fused_or_reference(_fused_forward_kl, student_logits, teacher_logits, target,
+                                  return_terms=return_terms, **kwargs)
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if device.type in _SPARSE_KERNELS if sparse else _has_rows_kernel_for(device.type):
         return _fused_rows(
             student_logits, teacher_logits, target, return_terms=return_terms, **{**kwargs, "beta": resolved_beta}
         )
-    if has_kernel(device) and divergence == "forward_kl" and soft_mask is None and num_items_in_batch is None:
+    if not sparse and has_kernel(device) and divergence == "forward_kl" and soft_mask is None and (
+            num_items_in_batch is None):
         return fused_or_reference(_fused_forward_kl, student_logits, teacher_logits, target,
                                   return_terms=return_terms, **kwargs)
     if device.type not in _warned_devices:
@@ -132,6 +141,22 @@ def distill_loss(
             RuntimeWarning, stacklevel=2,
         )
     return reference.distill_loss(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
+
+
+def _tuned_forward_kl_applies(
+    student_logits: torch.Tensor, teacher_logits: object, divergence: str, soft_mask: torch.Tensor | None,
+    num_items_in_batch: object,
+) -> bool:
+    """On CUDA, forward KL without soft_mask / num_items_in_batch runs the tuned kernels (resident and
+    stream, fastkd::distill_forward); everything else runs fastkd::distill_rows' generic kernel. float16
+    gradients go to the latter, whose pre-scale keeps them from flushing to zero under GradScaler."""
+    return (
+        student_logits.device.type == "cuda"
+        and isinstance(teacher_logits, torch.Tensor)
+        and divergence == "forward_kl" and soft_mask is None and num_items_in_batch is None
+        and torch.float16 not in (student_logits.dtype, teacher_logits.dtype)
+        and _has_kernel_for("cuda")
+    )
 
 
 def _row_weights(
@@ -172,7 +197,6 @@ def _fused_rows(
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     s = student_logits.reshape(-1, vocab)  # a view where it can be: strided rows are read in place
-    t = teacher_logits.reshape(-1, vocab)
     y = None if target is None else target.reshape(-1)
     mask = None if soft_mask is None else soft_mask.reshape(-1)
     weights, soft_norm, hard_norm = _row_weights(
@@ -181,11 +205,25 @@ def _fused_rows(
         batch=student_logits.shape[0] if student_logits.dim() > 1 else 1, num_items_in_batch=num_items_in_batch,
     )
     grad_on = torch.is_grad_enabled()
+    if isinstance(teacher_logits, SparseTeacher):
+        loss_rows, soft_rows, hard_rows, *_ = sparse_rows(
+            teacher_logits, s, y, mask, weights, temperature, int(ignore_index), float(label_smoothing), divergence,
+            float(beta), grad_on and student_logits.requires_grad,
+        )
+        return _reduced_terms(loss_rows, soft_rows, hard_rows, lead, reduction, soft_norm, hard_norm, return_terms)
+    t = teacher_logits.reshape(-1, vocab)
     # temperature goes in as given: a float() here would make torch.compile(dynamic=True) specialise on it.
     loss_rows, soft_rows, hard_rows, *_ = ops.distill_rows(
         s, t, y, mask, weights, temperature, int(ignore_index), float(label_smoothing), divergence,
         float(beta), grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad,
     )
+    return _reduced_terms(loss_rows, soft_rows, hard_rows, lead, reduction, soft_norm, hard_norm, return_terms)
+
+
+def _reduced_terms(
+    loss_rows: torch.Tensor, soft_rows: torch.Tensor, hard_rows: torch.Tensor, lead: torch.Size, reduction: str,
+    soft_norm: torch.Tensor | float, hard_norm: torch.Tensor | float, return_terms: bool,
+) -> torch.Tensor | DistillTerms:
     if reduction == "none":
         terms = DistillTerms(loss_rows.reshape(lead), soft_rows.reshape(lead), hard_rows.reshape(lead))
     else:

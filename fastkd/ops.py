@@ -10,6 +10,7 @@ from fastkd import _C  # noqa: F401  (registers torch.ops.fastkd)
 distill_forward = torch.ops.fastkd.distill_forward
 distill_rows = torch.ops.fastkd.distill_rows
 scale_grad_ = torch.ops.fastkd.scale_grad_
+sparse_distill_rows = torch.ops.fastkd.sparse_distill_rows
 
 
 @torch.library.register_fake("fastkd::distill_forward")
@@ -133,26 +134,32 @@ def _rows_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _ggt, _gscale):
     grad_s, grad_t, grad_scale = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 12
+    d_student, d_teacher = _scaled_stored_gradients(
+        grad_loss, grad_scale, (grad_s, grad_t), ctx.needs_input_grad[:2])
+    return (d_student, d_teacher) + (None,) * 10
+
+
+def _scaled_stored_gradients(
+    grad_loss: torch.Tensor, grad_scale: torch.Tensor, grads: tuple[torch.Tensor, ...], needed: tuple[bool, ...],
+) -> list[torch.Tensor | None]:
+    """The op's stored gradients times grad_output (per row or one value) over their pre-scale; None
+    where not needed or not computed."""
     factor = _row_factor(grad_loss, grad_scale)
     # A pre-scaled (float16) gradient is always rescaled into a new tensor: the op's own output is not
     # changed behind the caller's back when grad_output is 1.
-    in_place = _reuse_saved_gradient_in_place(grad_s) and not _is_prescaled(grad_s, grad_t)
-    d_student = d_teacher = None
-    if ctx.needs_input_grad[0] and grad_s.numel() > 0:
-        d_student = _scaled_rows(grad_s, factor, in_place)
-    if ctx.needs_input_grad[1] and grad_t.numel() > 0:
-        d_teacher = _scaled_rows(grad_t, factor, in_place)
+    in_place = _reuse_saved_gradient_in_place(grads[0]) and not _is_prescaled(*grads)
+    out = [_scaled_rows(g, factor, in_place) if need and g.numel() > 0 else None
+           for g, need in zip(grads, needed, strict=True)]
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # create_graph=True: hand out gradients that raise when differentiated. The anchor (a fresh
         # leaf) puts them in the graph even when grad_output itself does not require grad.
         anchor = torch.zeros((), requires_grad=True)
-        d_student = None if d_student is None else _NoDoubleBackward.apply(d_student, anchor)
-        d_teacher = None if d_teacher is None else _NoDoubleBackward.apply(d_teacher, anchor)
-    return (d_student, d_teacher) + (None,) * 10
+        out = [None if d is None else _NoDoubleBackward.apply(d, anchor) for d in out]
+    return out
 
 
-def _is_prescaled(grad_s: torch.Tensor, grad_t: torch.Tensor) -> bool:
-    return torch.float16 in (grad_s.dtype, grad_t.dtype)
+def _is_prescaled(*grads: torch.Tensor) -> bool:
+    return any(g.dtype == torch.float16 for g in grads)
 
 
 def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -167,3 +174,34 @@ def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> to
 
 
 torch.library.register_autograd("fastkd::distill_rows", _rows_backward, setup_context=_rows_setup_context)
+
+
+@torch.library.register_fake("fastkd::sparse_distill_rows")
+def _sparse_rows_fake(
+    student, indices, values, target, soft_mask, weights, temperature, ignore_index, label_smoothing, divergence,
+    beta, tail, student_grad,
+):
+    loss_dtype = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
+    rows = [student.new_empty((student.shape[0],), dtype=loss_dtype) for _ in range(3)]
+    grad_s = student.new_empty(student.shape if student_grad else (0,))
+    grad_scale = student.new_empty((), dtype=torch.float32)
+    return (*rows, grad_s, grad_scale)
+
+
+def _sparse_setup_context(ctx, inputs, output) -> None:
+    _, soft, hard, grad_s, grad_scale = output
+    ctx.mark_non_differentiable(soft, hard, grad_s, grad_scale)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_s, grad_scale)
+
+
+def _sparse_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _gscale):
+    grad_s, grad_scale = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 13
+    (d_student,) = _scaled_stored_gradients(grad_loss, grad_scale, (grad_s,), ctx.needs_input_grad[:1])
+    return (d_student,) + (None,) * 12
+
+
+# The teacher (indices, values) gets no gradient: the sparse teacher is offline.
+torch.library.register_autograd("fastkd::sparse_distill_rows", _sparse_backward, setup_context=_sparse_setup_context)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd._validation import check_distill_args
+from fastkd.sparse import SparseTeacher, as_teacher, sparse_soft_rows
 from fastkd.terms import DistillTerms, reduce_rows
 
 
@@ -100,7 +101,7 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, b
 
 def distill_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     target: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
@@ -129,18 +130,23 @@ def distill_loss(
     Computed in float64 when either logits tensor is float64, else in float32. ``return_terms`` gives
     ``DistillTerms(loss, soft, hard)``, the terms reduced the same way and detached.
 
+    ``teacher_logits`` may be a :class:`fastkd.SparseTeacher` (or a ``torch.topk`` result): the
+    teacher side then stays ``(N, K)`` (``fastkd.sparse``), and the sparse teacher gets no gradient.
+
     A masked row adds exactly 0 to the loss whatever its logits hold. Its gradient is not sanitized
     (that would cost another pass over the logits): NaN logits, or an infinite divergence, in a masked
     row can give NaN gradients in that row.
     """
+    teacher_logits = as_teacher(teacher_logits)  # a torch.topk result is a SparseTeacher
     beta = check_distill_args(
         student_logits, teacher_logits, target, temperature, alpha, label_smoothing, reduction,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
     vocab = student_logits.shape[-1]
-    compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    t_dtype = teacher_logits.values.dtype if sparse else teacher_logits.dtype
+    compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, t_dtype) else torch.float32
     s = student_logits.reshape(-1, vocab).to(compute_dtype)
-    t = teacher_logits.reshape(-1, vocab).to(compute_dtype)
     rows = s.shape[0]
 
     if target is None:
@@ -155,10 +161,14 @@ def distill_loss(
     else:
         soft_rows = labelled
 
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    log_q = F.log_softmax(s / temperature, dim=-1)
+    if sparse:  # the teacher stays (N, K): fastkd.sparse
+        soft_all = sparse_soft_rows(s, teacher_logits, temperature, divergence, beta, compute_dtype)
+    else:
+        log_p = F.log_softmax(teacher_logits.reshape(-1, vocab).to(compute_dtype) / temperature, dim=-1)
+        log_q = F.log_softmax(s / temperature, dim=-1)
+        soft_all = divergence_rows(log_p, log_q, divergence, beta)
     # where(), not a product with the mask, so that an inf or NaN in a masked row gives 0, not NaN.
-    soft = torch.where(soft_rows, divergence_rows(log_p, log_q, divergence, beta), 0.0)
+    soft = torch.where(soft_rows, soft_all, 0.0)
 
     if target is None:
         hard = torch.zeros_like(soft)

@@ -1,0 +1,409 @@
+// The sparse-teacher CPU kernel (docs/spec.md, "Sparse (top-k) teacher"), compiled once per ISA like
+// distill_cpu_kernel.cpp.
+//
+// Per row: one pass over the student row for its maximum and one that takes the exps at T (kept in
+// a row buffer, still in L2 for the gradient) and the cross-entropy's sums; the K teacher slots once,
+// in float64 (K is small); then one pass that writes the dense student gradient, proportional to
+// q_j everywhere, followed by the corrections at the K support indices and the target.
+#include "cpu/sparse_cpu_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#define FASTKD_CAT2(a, b) a##b
+#define FASTKD_CAT(a, b) FASTKD_CAT2(a, b)
+
+namespace fastkd::cpu {
+inline namespace FASTKD_ISA {
+namespace {
+
+using at::vec::Vectorized;
+#include "cpu/vec_exp.h"
+#include "cpu/vec_widen.h"
+
+// fp32 lanes add at most this many vectors before their sum moves into float64.
+constexpr int64_t kFlush = 16;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The Math of divergence_row.h on float64 scalars: the K (+1) classes of a sparse row.
+struct DoubleMath {
+  static double exp(double x) { return std::exp(x); }
+  static double expm1(double x) { return std::expm1(x); }
+  static double log(double x) { return std::log(x); }
+  static double abs(double x) { return std::fabs(x); }
+  static double clamp(double x, double lo, double hi) { return x != x ? x : std::min(std::max(x, lo), hi); }
+  static double where_zero(double p, double x) { return p == 0.0 ? 0.0 : x; }
+  static double where_lt(double x, double y, double a, double b) { return x < y ? a : b; }
+  static double sign(double x) { return double(x > 0) - double(x < 0); }
+};
+
+// log sum_i exp(x_i): -inf when empty or all -inf, NaN when any x_i is NaN.
+double log_sum_exp(const double* x, int64_t n) {
+  double m = -kInf;
+  for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
+  if (m == -kInf || m != m || m == kInf) return m;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - m);
+  return m + std::log(sum);
+}
+
+template <class acc_t>
+double horizontal_sum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  double total = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) total += double(lanes[i]);
+  return total;
+}
+
+template <class acc_t>
+acc_t horizontal_max(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < Vectorized<acc_t>::size(); ++i) m = nan_max(m, lanes[i]);
+  return m;
+}
+
+// sum_i x_i of a buffer, fp32 lanes flushed into float64.
+template <class acc_t>
+double buffer_sum(const acc_t* x, int64_t n) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kW = V::size();
+  const int64_t n_vec = n - n % kW;
+  double total = 0;
+  for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
+    const int64_t stop = std::min(n_vec, start + kFlush * kW);
+    V part(acc_t(0));
+    for (int64_t i = start; i < stop; i += kW) part = part + V::loadu(x + i);
+    total += horizontal_sum(part);
+  }
+  for (int64_t i = n_vec; i < n; ++i) total += double(x[i]);
+  return total;
+}
+
+struct StudentSums {
+  double sum_b = 0;  // sum_j exp((s_j - shift) / T)
+  double sum_1 = 0;  // sum_j exp(s_j - shift), for the cross-entropy
+  double sum_s = 0;  // sum_j s_j, for label smoothing
+};
+
+// Terms of one row's teacher side: the soft term, the factor of the dense part of its gradient
+// (dD/db_j = factor * q_j off the support) and the corrections at the support's slots.
+struct SoftRow {
+  double soft = 0;
+  double factor = 0;
+  int64_t slots = 0;  // corrections at cls_idx[0..slots)
+};
+
+template <class acc_t>
+class SparseRowWorker {
+  using V = Vectorized<acc_t>;
+  static constexpr int64_t kW = V::size();
+
+ public:
+  explicit SparseRowWorker(const SparseArgs& a)
+      : a_(a),
+        widened_(std::is_same_v<acc_t, float> && a.student_dtype != c10::ScalarType::Float ? a.vocab : 0),
+        exp_b_(a.vocab),
+        exp_1_(a.params.has_hard && a.params.inv_temperature != 1.0 ? a.vocab : 0),
+        narrow_(a.grad_student != nullptr && a.student_dtype != c10::CppTypeToScalarType<acc_t>::value ? a.vocab
+                                                                                                        : 0),
+        cls_idx_(a.k + 1),
+        val_(a.k + 1),
+        lp_(a.k + 1),
+        lq_(a.k + 1),
+        qg_(a.k + 1),
+        corr_(a.k + 1),
+        saved_(a.k + 1) {}
+
+  void run(int64_t row) {
+    const int64_t vocab = a_.vocab;
+    const int64_t y = a_.target != nullptr ? a_.target[row] : -1;
+    const bool hard_row = a_.target != nullptr && y != a_.ignore_index;
+    const bool soft_row = a_.soft_mask != nullptr ? a_.soft_mask[row] : (a_.target == nullptr || hard_row);
+    if (!soft_row && !hard_row) {  // masked: terms and gradient exactly 0
+      a_.row_loss[row] = a_.row_soft[row] = a_.row_hard[row] = 0.0;
+      if (a_.grad_student != nullptr) {
+        const size_t bytes = c10::elementSize(a_.student_dtype);
+        std::memset(static_cast<char*>(a_.grad_student) + row * vocab * bytes, 0, vocab * bytes);
+      }
+      return;
+    }
+    const acc_t* s = student_row(row);
+    const acc_t mx = row_max(s);
+    // An all -inf row: exp(-inf - 0) = 0 keeps the sums exact (a shift of -inf would give NaN).
+    const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+    const bool separate = a_.params.inv_temperature != 1.0;
+    StudentSums sums;
+    if (hard_row && separate) {
+      student_pass<true, true>(s, shift, sums);
+    } else if (hard_row) {
+      student_pass<true, false>(s, shift, sums);
+    } else {
+      student_pass<false, false>(s, shift, sums);
+    }
+    if (!separate) sums.sum_1 = sums.sum_b;
+
+    double hard = 0;
+    if (hard_row) {
+      const double lse1 = double(shift) + std::log(sums.sum_1);
+      const double eps = a_.params.label_smoothing;
+      hard = (1 - eps) * (lse1 - double(s[y])) + eps * (lse1 - sums.sum_s / double(vocab));
+    }
+    SoftRow soft{};
+    if (soft_row) soft = teacher_terms(row, s, double(shift), sums.sum_b);
+    a_.row_soft[row] = soft.soft;
+    a_.row_hard[row] = hard;
+    a_.row_loss[row] = a_.params.soft_weight * soft.soft + a_.params.hard_weight * hard;
+    if (a_.grad_student != nullptr) write_gradient(row, y, hard_row, soft, sums);
+  }
+
+ private:
+  const acc_t* student_row(int64_t row) {
+    const int64_t base = row * a_.student_row_stride;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (a_.student_dtype == c10::ScalarType::BFloat16) {
+        widen(static_cast<const c10::BFloat16*>(a_.student) + base, widened_.data(), a_.vocab);
+        return widened_.data();
+      }
+      if (a_.student_dtype == c10::ScalarType::Half) {
+        widen(static_cast<const c10::Half*>(a_.student) + base, widened_.data(), a_.vocab);
+        return widened_.data();
+      }
+    }
+    return static_cast<const acc_t*>(a_.student) + base;
+  }
+
+  acc_t row_max(const acc_t* s) const {
+    const int64_t n_vec = a_.vocab - a_.vocab % kW;
+    V m(-std::numeric_limits<acc_t>::infinity());
+    for (int64_t i = 0; i < n_vec; i += kW) m = at::vec::maximum(m, V::loadu(s + i));  // propagates NaN
+    acc_t out = horizontal_max(m);
+    for (int64_t i = n_vec; i < a_.vocab; ++i) out = nan_max(out, s[i]);
+    return out;
+  }
+
+  // exp((s - shift) / T) into exp_b_ and its sum; with kHard the cross-entropy's sums as well, with a
+  // second exp stream exp(s - shift) into exp_1_ when kSeparate (T != 1).
+  template <bool kHard, bool kSeparate>
+  void student_pass(const acc_t* s, acc_t shift, StudentSums& out) {
+    const int64_t n = a_.vocab;
+    const int64_t n_vec = n - n % kW;
+    const acc_t inv_t = acc_t(a_.params.inv_temperature);
+    const V vshift(shift), vinv(inv_t);
+    acc_t* eb = exp_b_.data();
+    acc_t* e1 = exp_1_.data();
+    for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
+      const int64_t stop = std::min(n_vec, start + kFlush * kW);
+      V pb(acc_t(0)), p1(acc_t(0)), ps(acc_t(0));
+      for (int64_t i = start; i < stop; i += kW) {
+        const V sv = V::loadu(s + i);
+        const V x = sv - vshift;
+        const V b = fast_exp(x * vinv);
+        b.store(eb + i);
+        pb = pb + b;
+        if constexpr (kHard) {
+          if constexpr (kSeparate) {
+            const V e = fast_exp(x);
+            e.store(e1 + i);
+            p1 = p1 + e;
+          }
+          ps = ps + sv;
+        }
+      }
+      out.sum_b += horizontal_sum(pb);
+      if constexpr (kHard) {
+        out.sum_1 += horizontal_sum(p1);
+        out.sum_s += horizontal_sum(ps);
+      }
+    }
+    for (int64_t i = n_vec; i < n; ++i) {
+      const acc_t x = s[i] - shift;
+      eb[i] = std::exp(x * inv_t);
+      out.sum_b += double(eb[i]);
+      if constexpr (kHard) {
+        if constexpr (kSeparate) {
+          e1[i] = std::exp(x);
+          out.sum_1 += double(e1[i]);
+        }
+        out.sum_s += double(s[i]);
+      }
+    }
+  }
+
+  int64_t index_at(int64_t flat) const {
+    return a_.indices_int64 ? static_cast<const int64_t*>(a_.indices)[flat]
+                            : int64_t(static_cast<const int32_t*>(a_.indices)[flat]);
+  }
+
+  SoftRow teacher_terms(int64_t row, const acc_t* s, double shift, double sum_b) {
+    // The valid slots (a -inf value is padding; NaN is kept and propagates).
+    int64_t n = 0;
+    for (int64_t k = 0; k < a_.k; ++k) {
+      const double v = a_.values[row * a_.k + k];
+      if (v == -kInf) continue;
+      cls_idx_[n] = index_at(row * a_.k + k);
+      val_[n] = v;
+      ++n;
+    }
+    const double inv_t = a_.params.inv_temperature;
+    const double log_sum_b = std::log(sum_b);
+    for (int64_t c = 0; c < n; ++c) lq_[c] = (double(s[cls_idx_[c]]) - shift) * inv_t - log_sum_b;
+    SoftRow out;
+    if (!a_.bucket && n == 0) return out;  // nothing to distil: no soft term
+    int64_t classes = n;
+    if (a_.bucket) {
+      // The tail's T = 1 log-prob log(1 - sum_k p_k), through expm1 so that a small tail keeps its
+      // digits; empty (-inf) when the listed mass reaches 1.
+      const double lse_v = log_sum_exp(val_.data(), n);
+      val_[n] = lse_v != lse_v ? lse_v : lse_v < 0 ? std::log(-std::expm1(lse_v)) : -kInf;
+      classes = n + 1;
+    }
+    for (int64_t c = 0; c < classes; ++c) lp_[c] = val_[c] * inv_t;
+    const double lse_a = log_sum_exp(lp_.data(), classes);
+    for (int64_t c = 0; c < classes; ++c) lp_[c] -= lse_a;
+    out.slots = n;
+
+    if (a_.full_forward_kl && !a_.bucket) {
+      // sum_k p_k (log p_k - log q_{i_k}), q over the whole vocabulary; dD/db = q - p.
+      for (int64_t c = 0; c < n; ++c) {
+        const double p = std::exp(lp_[c]);
+        out.soft += p == 0.0 ? 0.0 : p * (lp_[c] - lq_[c]);
+        corr_[c] = -p;
+      }
+      out.factor = 1.0;
+      return out;
+    }
+    if (a_.bucket) {
+      // q_tail summed over the off-support entries (never 1 - sum, which loses a small tail).
+      acc_t* eb = exp_b_.data();
+      for (int64_t c = 0; c < n; ++c) {
+        saved_[c] = eb[cls_idx_[c]];
+        eb[cls_idx_[c]] = acc_t(0);
+      }
+      const double sum_off = buffer_sum(eb, a_.vocab);
+      for (int64_t c = n - 1; c >= 0; --c) eb[cls_idx_[c]] = saved_[c];
+      lq_[n] = std::log(sum_off) - log_sum_b;
+    } else {
+      const double lse_q = log_sum_exp(lq_.data(), n);  // q restricted to the support, renormalised
+      for (int64_t c = 0; c < n; ++c) lq_[c] -= lse_q;
+    }
+    out.soft = class_terms(classes);
+    if (a_.bucket) {
+      // Off the support dD/db_j = G_tail q_j / q_tail: the tail's class logit is lse of those b_j.
+      const double q_tail = std::exp(lq_[n]);
+      out.factor = q_tail > 0 ? corr_[n] / q_tail : 0.0;
+      for (int64_t c = 0; c < n; ++c) corr_[c] -= out.factor * std::exp(lq_[c]);
+    }
+    return out;
+  }
+
+  // D over `classes` classes from lp_ and lq_; corr_[c] = dD/d(class logit c).
+  double class_terms(int64_t classes) {
+    switch (a_.divergence.kind) {
+      case Divergence::ReverseKL: return class_terms<Divergence::ReverseKL>(classes);
+      case Divergence::JSD: return class_terms<Divergence::JSD>(classes);
+      case Divergence::TVD: return class_terms<Divergence::TVD>(classes);
+      case Divergence::SkewForwardKL: return class_terms<Divergence::SkewForwardKL>(classes);
+      case Divergence::SkewReverseKL: return class_terms<Divergence::SkewReverseKL>(classes);
+      default: return class_terms<Divergence::ForwardKL>(classes);
+    }
+  }
+
+  template <Divergence kKind>
+  double class_terms(int64_t classes) {
+    double f = 0, sum_qg = 0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const double p = std::exp(lp_[c]);
+      const double q = std::exp(lq_[c]);
+      const ElementTerms<double> e = divergence_terms<kKind, DoubleMath, double>(
+          p, q, lp_[c] - lq_[c], a_.divergence.beta, a_.divergence.one_minus_beta);
+      f += e.f;
+      sum_qg += e.qg;
+      qg_[c] = e.qg;
+    }
+    for (int64_t c = 0; c < classes; ++c) corr_[c] = qg_[c] - std::exp(lq_[c]) * sum_qg;
+    return f;
+  }
+
+  void write_gradient(int64_t row, int64_t y, bool hard_row, const SoftRow& soft, const StudentSums& sums) {
+    const int64_t n = a_.vocab;
+    const int64_t n_vec = n - n % kW;
+    const double gs = a_.grad_scale;
+    const double soft_coef = a_.params.soft_weight * a_.params.inv_temperature * gs;
+    const double hard_coef = hard_row ? a_.params.hard_weight * gs : 0.0;
+    const double eps = a_.params.label_smoothing;
+    const bool separate = hard_row && a_.params.inv_temperature != 1.0;
+    // g_j = coef_b exp_b_j + coef_1 exp_1_j - uniform, then the target and the support corrections.
+    double coef_b = soft_coef * soft.factor / sums.sum_b;
+    if (hard_row && !separate) coef_b += hard_coef / sums.sum_b;
+    const acc_t cb = acc_t(coef_b);
+    const acc_t c1 = separate ? acc_t(hard_coef / sums.sum_1) : acc_t(0);
+    const acc_t uniform = acc_t(hard_coef * eps / double(n));
+    acc_t* g = narrow_.empty() ? static_cast<acc_t*>(a_.grad_student) + row * n : narrow_.data();
+    const acc_t* eb = exp_b_.data();
+    const acc_t* e1 = exp_1_.data();
+    const V vcb(cb), vc1(c1), vu(uniform);
+    if (separate) {
+      for (int64_t i = 0; i < n_vec; i += kW) {
+        (V::loadu(eb + i) * vcb + V::loadu(e1 + i) * vc1 - vu).store(g + i);
+      }
+      for (int64_t i = n_vec; i < n; ++i) g[i] = eb[i] * cb + e1[i] * c1 - uniform;
+    } else {
+      for (int64_t i = 0; i < n_vec; i += kW) (V::loadu(eb + i) * vcb - vu).store(g + i);
+      for (int64_t i = n_vec; i < n; ++i) g[i] = eb[i] * cb - uniform;
+    }
+    if (hard_row) g[y] -= acc_t(hard_coef * (1 - eps));
+    for (int64_t c = 0; c < soft.slots; ++c) g[cls_idx_[c]] += acc_t(soft_coef * corr_[c]);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (a_.student_dtype == c10::ScalarType::BFloat16) {
+        at::vec::convert(g, static_cast<c10::BFloat16*>(a_.grad_student) + row * n, n);
+      } else if (a_.student_dtype == c10::ScalarType::Half) {
+        at::vec::convert(g, static_cast<c10::Half*>(a_.grad_student) + row * n, n);
+      }
+    }
+  }
+
+  const SparseArgs& a_;
+  std::vector<acc_t> widened_;  // a bf16 / fp16 student row in fp32
+  std::vector<acc_t> exp_b_;    // exp((s - shift) / T) of the current row
+  std::vector<acc_t> exp_1_;    // exp(s - shift) when T != 1
+  std::vector<acc_t> narrow_;   // the gradient row before narrowing to bf16 / fp16
+  std::vector<int64_t> cls_idx_;
+  std::vector<double> val_, lp_, lq_, qg_, corr_;
+  std::vector<acc_t> saved_;
+};
+
+template <class acc_t>
+void run_rows(const SparseArgs& a) {
+  // Enough rows per task that a task streams ~256K elements.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(a.vocab, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    SparseRowWorker<acc_t> worker(a);
+    for (int64_t row = begin; row < end; ++row) worker.run(row);
+  });
+}
+
+}  // namespace
+}  // namespace FASTKD_ISA
+
+void FASTKD_CAT(sparse_rows_, FASTKD_ISA)(const SparseArgs& args) {
+  if (args.student_dtype == c10::ScalarType::Double) {
+    run_rows<double>(args);
+  } else {
+    run_rows<float>(args);
+  }
+}
+
+}  // namespace fastkd::cpu
