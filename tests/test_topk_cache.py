@@ -1,0 +1,93 @@
+"""The offline teacher cache: top-k log-probs next to the tokens, in Parquet shards that survive a
+crash and resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("pyarrow")
+
+from fastkd.integrations import topk_cache  # noqa: E402
+
+
+def _teacher(vocab: int = 50) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _data(n: int = 7) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(1, 50, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist(),
+             "labels": i} for i in range(n)]
+
+
+def _read(paths) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [row for p in paths for row in pq.read_table(p).to_pylist()]
+
+
+def test_rows_hold_the_teachers_topk_logprobs(tmp_path):
+    teacher, data = _teacher(), _data()
+    paths = topk_cache.cache_teacher_topk(teacher, data, 5, tmp_path, batch_size=2, shard_size=3, progress=False)
+    assert [p.name for p in paths] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    rows = _read(paths)
+    assert [r["labels"] for r in rows] == list(range(7))
+    for row, example in zip(rows, data, strict=True):
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+        values, indices = torch.log_softmax(logits.float(), -1).topk(5, -1)
+        assert row["input_ids"] == example["input_ids"]
+        assert row["teacher_topk_indices"] == indices.tolist()
+        torch.testing.assert_close(torch.tensor(row["teacher_topk_logprobs"]), values, rtol=1e-5, atol=1e-5)
+
+
+def test_datasets_loads_the_shards(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    topk_cache.cache_teacher_topk(_teacher(), _data(), 4, tmp_path, shard_size=4, progress=False)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "shard-*.parquet"), split="train")
+    assert len(ds) == 7 and len(ds[0]["teacher_topk_indices"][0]) == 4
+
+
+def test_a_crash_mid_write_keeps_finished_shards_and_resumes(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    teacher, data = _teacher(), _data()
+    real_write = pq.write_table
+    calls = {"n": 0}
+
+    def crash_on_second(table, where, **kw):
+        calls["n"] += 1
+        real_write(table, where, **kw)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(pq, "write_table", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        topk_cache.cache_teacher_topk(teacher, data, 3, tmp_path, shard_size=3, progress=False)
+    monkeypatch.setattr(pq, "write_table", real_write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fastkd_topk.json", "shard-00000.parquet"]
+
+    seen = []
+    forward = teacher.forward
+
+    def counting_forward(*args, **kw):
+        seen.append(kw["input_ids"].shape[0])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(teacher, "forward", counting_forward)
+    paths = topk_cache.cache_teacher_topk(teacher, data, 3, tmp_path, shard_size=3, progress=False)
+    assert sum(seen) == 4  # only the sequences of the two unfinished shards
+    assert len(_read(paths)) == 7
+
+
+def test_other_settings_in_the_same_directory_are_refused(tmp_path):
+    teacher, data = _teacher(), _data()
+    topk_cache.cache_teacher_topk(teacher, data, 3, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        topk_cache.cache_teacher_topk(teacher, data, 4, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        topk_cache.cache_teacher_topk(teacher, data, 0, tmp_path / "x", progress=False)
