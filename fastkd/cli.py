@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastkd", description="fastkd: fused knowledge-distillation loss for PyTorch.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,cache-topk,info}")
     demo = sub.add_parser(
         "demo", help="distill a teacher into a small student on scikit-learn's digits and write a report",
         description="Hinton et al.'s few-labels experiment on scikit-learn's bundled digits (no download): "
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     # bench forwards its arguments untouched to fastkd.bench.main (see main()).
     sub.add_parser("bench", help="benchmark the fused loss against plain PyTorch (fastkd bench --help)",
                    add_help=False)
+    from fastkd.integrations import topk_cache_cli
+
+    topk_cache_cli.add_parser(sub)
     info = sub.add_parser("info", help="how the fastkd extension was built")
     info.add_argument("--json", action="store_true", help="print the build info as JSON")
     return parser
@@ -84,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = fastkd.build_info()
         print(json.dumps(info, indent=2) if args.json else _format_info(info))
         return 0
+    if args.command == "cache-topk":
+        from fastkd.integrations import topk_cache_cli
+
+        return topk_cache_cli.run(args)
     if args.command == "demo":
         from fastkd.demo import run_demo
 

@@ -91,3 +91,17 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
         topk_cache.cache_teacher_topk(teacher, data, 4, tmp_path, progress=False)
     with pytest.raises(ValueError, match="k must be a positive int"):
         topk_cache.cache_teacher_topk(teacher, data, 0, tmp_path / "x", progress=False)
+
+
+def test_the_cli_verb_writes_the_cache(tmp_path):
+    import json
+
+    from fastkd.cli import main
+
+    teacher = _teacher()
+    teacher.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in _data(5)))
+    assert main(["cache-topk", "--teacher", str(tmp_path / "teacher"), "--data", str(data), "--k", "3",
+                 "--out", str(tmp_path / "cache"), "--shard-size", "2", "--no-progress", "--device", "cpu"]) == 0
+    assert len(_read(sorted((tmp_path / "cache").glob("shard-*.parquet")))) == 5
