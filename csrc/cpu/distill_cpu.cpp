@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/distill_cpu_kernel.h"
@@ -55,6 +56,13 @@ at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dtype) {
 at::Tensor kernel_view(const at::Tensor& x, bool float64) {
   at::Tensor v = x.stride(1) == 1 && x.stride(0) >= 0 ? x : x.contiguous();
   return float64 && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
+}
+
+// FASTKD_CPU_BLOCK=n (tests only): rows are gathered in blocks of n elements instead of 1024, so
+// merges of partial statistics (blocks that saw only -inf, NaN, a new maximum) run at small V.
+int64_t test_block_size() {
+  const char* v = std::getenv("FASTKD_CPU_BLOCK");
+  return v == nullptr ? 0 : std::max<int64_t>(0, std::atoll(v));
 }
 
 // Power of two that the fp16 gradient is stored multiplied by, so that entries of a loss normalised by
@@ -116,6 +124,7 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
   args.row_loss = row_loss.data();
   args.row_soft = row_soft.data();
   args.row_hard = row_hard.data();
+  args.block_size = test_block_size();
   if (call.rows > 0) select_kernel()(args);
 
   if (student_grad && grad_s.scalar_type() != student.scalar_type()) grad_s = grad_s.to(student.scalar_type());

@@ -344,7 +344,8 @@ class RowWorker {
         exp_s_(a.vocab),
         qg_(a.divergence.kind == Divergence::ForwardKL ? 0 : a.vocab),
         ph_(a.divergence.kind == Divergence::ForwardKL ? 0 : a.vocab),
-        shifts_((a.vocab + kBlock - 1) / kBlock) {}
+        block_(a.block_size > 0 && a.block_size < kBlock ? a.block_size : kBlock),
+        shifts_((a.vocab + block_ - 1) / block_) {}
 
   void run(int64_t row) {
     const int64_t vocab = a_.vocab;
@@ -361,9 +362,9 @@ class RowWorker {
     t_base_ = row * a_.teacher_row_stride;
     g_base_ = row * vocab;
     RowStats<double> st;
-    for (int64_t off = 0; off < vocab; off += kBlock) {
-      const int64_t n = std::min(kBlock, vocab - off);
-      shifts_[off / kBlock] = accumulate_block<acc_t, kSoft, kHard, kPowT>(
+    for (int64_t off = 0; off < vocab; off += block_) {
+      const int64_t n = std::min(block_, vocab - off);
+      shifts_[off / block_] = accumulate_block<acc_t, kSoft, kHard, kPowT>(
           st, student(off, n), teacher(off, n), n, a_.params.inv_temperature, exp_t_.data() + off,
           exp_s_.data() + off);
     }
@@ -390,8 +391,8 @@ class RowWorker {
       if (c.refine) refine_soft(loss, refinement, a_.params);
     } else if (kSoft && c.refine) {
       double refinement = 0;
-      for (int64_t off = 0; off < vocab; off += kBlock) {
-        const int64_t n = std::min(kBlock, vocab - off);
+      for (int64_t off = 0; off < vocab; off += block_) {
+        const int64_t n = std::min(block_, vocab - off);
         refinement += refinement_block<acc_t>(student(off, n), teacher(off, n), n, c);
       }
       refine_soft(loss, refinement, a_.params);
@@ -409,7 +410,7 @@ class RowWorker {
     return kSoft ? load_block<acc_t>(a_.teacher, a_.teacher_dtype, t_base_ + offset, n, tbuf_) : nullptr;
   }
   BlockFrame<acc_t> frame(int64_t off, const RowCoeffs<double>& cd, double delta) const {
-    const BlockShift& shift = shifts_[off / kBlock];
+    const BlockShift& shift = shifts_[off / block_];
     return {acc_t(block_factor(shift.s, cd.max_s, cd.inv_t) * cd.inv_sum_b),
             acc_t(block_factor(shift.t, cd.max_t, cd.inv_t) * cd.inv_sum_t),
             acc_t(cd.inv_t),
@@ -422,8 +423,8 @@ class RowWorker {
   double gradient_pass(int64_t y, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c) {
     const bool need_logits = kRefine || a_.grad_teacher != nullptr || (kHard && kPowT == 0);
     double refinement = 0;
-    for (int64_t off = 0; off < a_.vocab; off += kBlock) {
-      const int64_t n = std::min(kBlock, a_.vocab - off);
+    for (int64_t off = 0; off < a_.vocab; off += block_) {
+      const int64_t n = std::min(block_, a_.vocab - off);
       const acc_t* s = need_logits ? student(off, n) : nullptr;
       const acc_t* t = need_logits ? teacher(off, n) : nullptr;
       const BlockFrame<acc_t> fr = frame(off, cd, 0.0);
@@ -472,8 +473,8 @@ class RowWorker {
     // lse(t / T) - lse(s / T), the maxima split out so that near-equal rows keep their low bits.
     const double delta = (st.max_t - st.max_s) * cd.inv_t + (std::log(st.sum_t) - std::log(st.sum_b));
     DivergenceSums sums;
-    for (int64_t off = 0; off < a_.vocab; off += kBlock) {
-      const int64_t n = std::min(kBlock, a_.vocab - off);
+    for (int64_t off = 0; off < a_.vocab; off += block_) {
+      const int64_t n = std::min(block_, a_.vocab - off);
       divergence_sums_block<kKind, acc_t>(student(off, n), teacher(off, n), exp_t_.data() + off,
                                           exp_s_.data() + off, n, frame(off, cd, delta), qg_.data() + off,
                                           ph_.data() + off, sums);
@@ -481,8 +482,8 @@ class RowWorker {
     if (!want_grad) return sums.f;
     const bool want_teacher = a_.grad_teacher != nullptr;
     constexpr bool kNeedLogits = kHard && kPowT == 0;
-    for (int64_t off = 0; off < a_.vocab; off += kBlock) {
-      const int64_t n = std::min(kBlock, a_.vocab - off);
+    for (int64_t off = 0; off < a_.vocab; off += block_) {
+      const int64_t n = std::min(block_, a_.vocab - off);
       const acc_t* s = kNeedLogits ? student(off, n) : nullptr;
       const BlockFrame<acc_t> fr = frame(off, cd, delta);
       acc_t* gs = a_.grad_student ? grad_target<acc_t>(a_.grad_student, a_.student_dtype, g_base_ + off, gsbuf_)
@@ -509,6 +510,7 @@ class RowWorker {
   acc_t* gsbuf_;
   acc_t* gtbuf_;
   int64_t s_base_ = 0, t_base_ = 0, g_base_ = 0;  // the current row's offsets
+  const int64_t block_;                            // elements per block (kBlock, or smaller in tests)
   // Pass 1's exps of the current row (in L2 for the gradient pass) and the shifts of each block;
   // qg and ph of a divergence other than forward KL between its passes 2 and 3.
   std::vector<acc_t> exp_t_;

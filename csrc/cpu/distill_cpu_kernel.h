@@ -27,6 +27,9 @@ struct RowsArgs {
   DivergenceParams divergence;
   int64_t rows = 0;
   int64_t vocab = 0;
+  // Elements per block of a row (0: the kernel's own, 1024). Tests set a few elements through
+  // FASTKD_CPU_BLOCK so that a short row is gathered in many partial blocks and every merge runs.
+  int64_t block_size = 0;
   LossParams params;
   double grad_scale = 1.0;          // multiplies the gradient (a reduction's scale, or fp16's pre-scale)
   void* grad_student = nullptr;     // null: no student gradient wanted
