@@ -144,6 +144,7 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   args.params.label_smoothing = label_smoothing;
   args.params.vocab = vocab;
   args.params.has_hard = target.has_value();
+  args.params.integer_temperature = temperature == 1.0 || temperature == 2.0 || temperature == 4.0 ? int(temperature) : 0;
   args.params.soft_weight = w.const_data_ptr<double>()[0];
   args.params.hard_weight = w.const_data_ptr<double>()[1];
   const double prescale =

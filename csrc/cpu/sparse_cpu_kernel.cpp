@@ -116,7 +116,7 @@ class SparseRowWorker {
       : a_(a),
         widened_(std::is_same_v<acc_t, float> && a.student_dtype != c10::ScalarType::Float ? a.vocab : 0),
         exp_b_(a.vocab),
-        exp_1_(a.params.has_hard && a.params.inv_temperature != 1.0 ? a.vocab : 0),
+        exp_1_(a.params.has_hard && a.params.integer_temperature == 0 ? a.vocab : 0),
         narrow_(a.grad_student != nullptr && a.student_dtype != c10::CppTypeToScalarType<acc_t>::value ? a.vocab
                                                                                                         : 0),
         cls_idx_(a.k + 1),
@@ -144,16 +144,17 @@ class SparseRowWorker {
     const acc_t mx = row_max(s);
     // An all -inf row: exp(-inf - 0) = 0 keeps the sums exact (a shift of -inf would give NaN).
     const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
-    const bool separate = a_.params.inv_temperature != 1.0;
     StudentSums sums;
-    if (hard_row && separate) {
-      student_pass<true, true>(s, shift, sums);
-    } else if (hard_row) {
-      student_pass<true, false>(s, shift, sums);
+    if (!hard_row) {
+      student_pass<false, 1>(s, shift, sums);
     } else {
-      student_pass<false, false>(s, shift, sums);
+      switch (a_.params.integer_temperature) {
+        case 1: student_pass<true, 1>(s, shift, sums); break;
+        case 2: student_pass<true, 2>(s, shift, sums); break;
+        case 4: student_pass<true, 4>(s, shift, sums); break;
+        default: student_pass<true, 0>(s, shift, sums); break;
+      }
     }
-    if (!separate) sums.sum_1 = sums.sum_b;
 
     double hard = 0;
     if (hard_row) {
@@ -194,9 +195,22 @@ class SparseRowWorker {
     return out;
   }
 
-  // exp((s - shift) / T) into exp_b_ and its sum; with kHard the cross-entropy's sums as well, with a
-  // second exp stream exp(s - shift) into exp_1_ when kSeparate (T != 1).
-  template <bool kHard, bool kSeparate>
+  // exp(s - shift) from b = exp((s - shift) / T): b^T when T is 1, 2 or 4 (a multiply instead of an
+  // exp), else the separate stream.
+  template <int kPowT, class X>
+  static X power_of(const X& b) {
+    if constexpr (kPowT == 1) return b;
+    if constexpr (kPowT == 2) return b * b;
+    if constexpr (kPowT == 4) {
+      const X b2 = b * b;
+      return b2 * b2;
+    }
+    return b;
+  }
+
+  // exp((s - shift) / T) into exp_b_ and its sum; with kHard the cross-entropy's sums as well: exp(s -
+  // shift) is b^kPowT, or a second exp stream kept in exp_1_ when kPowT == 0 (T not 1, 2 or 4).
+  template <bool kHard, int kPowT>
   void student_pass(const acc_t* s, acc_t shift, StudentSums& out) {
     const int64_t n = a_.vocab;
     const int64_t n_vec = n - n % kW;
@@ -214,10 +228,12 @@ class SparseRowWorker {
         b.store(eb + i);
         pb = pb + b;
         if constexpr (kHard) {
-          if constexpr (kSeparate) {
+          if constexpr (kPowT == 0) {
             const V e = fast_exp(x);
             e.store(e1 + i);
             p1 = p1 + e;
+          } else {
+            p1 = p1 + power_of<kPowT>(b);
           }
           ps = ps + sv;
         }
@@ -233,9 +249,11 @@ class SparseRowWorker {
       eb[i] = std::exp(x * inv_t);
       out.sum_b += double(eb[i]);
       if constexpr (kHard) {
-        if constexpr (kSeparate) {
+        if constexpr (kPowT == 0) {
           e1[i] = std::exp(x);
           out.sum_1 += double(e1[i]);
+        } else {
+          out.sum_1 += double(power_of<kPowT>(eb[i]));
         }
         out.sum_s += double(s[i]);
       }
@@ -344,25 +362,19 @@ class SparseRowWorker {
     const double soft_coef = a_.params.soft_weight * a_.params.inv_temperature * gs;
     const double hard_coef = hard_row ? a_.params.hard_weight * gs : 0.0;
     const double eps = a_.params.label_smoothing;
-    const bool separate = hard_row && a_.params.inv_temperature != 1.0;
+    const int pow_t = hard_row ? a_.params.integer_temperature : 1;
     // g_j = coef_b exp_b_j + coef_1 exp_1_j - uniform, then the target and the support corrections.
     double coef_b = soft_coef * soft.factor / sums.sum_b;
-    if (hard_row && !separate) coef_b += hard_coef / sums.sum_b;
+    if (pow_t == 1) coef_b += hard_coef / sums.sum_b;
     const acc_t cb = acc_t(coef_b);
-    const acc_t c1 = separate ? acc_t(hard_coef / sums.sum_1) : acc_t(0);
+    const acc_t c1 = pow_t != 1 ? acc_t(hard_coef / sums.sum_1) : acc_t(0);
     const acc_t uniform = acc_t(hard_coef * eps / double(n));
     acc_t* g = narrow_.empty() ? static_cast<acc_t*>(a_.grad_student) + row * n : narrow_.data();
-    const acc_t* eb = exp_b_.data();
-    const acc_t* e1 = exp_1_.data();
-    const V vcb(cb), vc1(c1), vu(uniform);
-    if (separate) {
-      for (int64_t i = 0; i < n_vec; i += kW) {
-        (V::loadu(eb + i) * vcb + V::loadu(e1 + i) * vc1 - vu).store(g + i);
-      }
-      for (int64_t i = n_vec; i < n; ++i) g[i] = eb[i] * cb + e1[i] * c1 - uniform;
-    } else {
-      for (int64_t i = 0; i < n_vec; i += kW) (V::loadu(eb + i) * vcb - vu).store(g + i);
-      for (int64_t i = n_vec; i < n; ++i) g[i] = eb[i] * cb - uniform;
+    switch (pow_t) {
+      case 1: gradient_pass<1>(g, cb, c1, uniform); break;
+      case 2: gradient_pass<2>(g, cb, c1, uniform); break;
+      case 4: gradient_pass<4>(g, cb, c1, uniform); break;
+      default: gradient_pass<0>(g, cb, c1, uniform); break;
     }
     if (hard_row) g[y] -= acc_t(hard_coef * (1 - eps));
     for (int64_t c = 0; c < soft.slots; ++c) g[cls_idx_[c]] += acc_t(soft_coef * corr_[c]);
@@ -375,10 +387,34 @@ class SparseRowWorker {
     }
   }
 
+  // g = cb exp_b + c1 exp_1 - uniform; exp_1 is exp_b^kPowT (kPowT 1: folded into cb) or exp_1_.
+  template <int kPowT>
+  void gradient_pass(acc_t* g, acc_t cb, acc_t c1, acc_t uniform) const {
+    const int64_t n = a_.vocab;
+    const int64_t n_vec = n - n % kW;
+    const acc_t* eb = exp_b_.data();
+    const acc_t* e1 = exp_1_.data();
+    const V vcb(cb), vc1(c1), vu(uniform);
+    for (int64_t i = 0; i < n_vec; i += kW) {
+      const V b = V::loadu(eb + i);
+      if constexpr (kPowT == 1) {
+        (b * vcb - vu).store(g + i);
+      } else if constexpr (kPowT == 0) {
+        (b * vcb + V::loadu(e1 + i) * vc1 - vu).store(g + i);
+      } else {
+        (b * vcb + power_of<kPowT>(b) * vc1 - vu).store(g + i);
+      }
+    }
+    for (int64_t i = n_vec; i < n; ++i) {
+      const acc_t e = kPowT == 0 ? e1[i] : power_of<kPowT>(eb[i]);
+      g[i] = kPowT == 1 ? eb[i] * cb - uniform : eb[i] * cb + e * c1 - uniform;
+    }
+  }
+
   const SparseArgs& a_;
   std::vector<acc_t> widened_;  // a bf16 / fp16 student row in fp32
   std::vector<acc_t> exp_b_;    // exp((s - shift) / T) of the current row
-  std::vector<acc_t> exp_1_;    // exp(s - shift) when T != 1
+  std::vector<acc_t> exp_1_;    // exp(s - shift) when T is not 1, 2 or 4
   std::vector<acc_t> narrow_;   // the gradient row before narrowing to bf16 / fp16
   std::vector<int64_t> cls_idx_;
   std::vector<double> val_, lp_, lq_, qg_, corr_;
