@@ -241,6 +241,46 @@ def test_opcheck(variant):
     torch.library.opcheck(torch.ops.fastkd.sparse_distill_rows.default, args)
 
 
+def test_one_dimensional_and_strided_students():
+    """A single row (V,) with indices (K,), and a vocabulary slice x[:, :V] read in place."""
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(50, generator=g, dtype=F64), torch.randn(50, generator=g, dtype=F64)
+    got = fastkd.distill_loss(s, torch.topk(t, 5), alpha=1.0)
+    want = fastkd.reference.distill_loss(s, torch.topk(t, 5), alpha=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    wide = torch.randn(8, 70, generator=g, dtype=F64)
+    t = torch.randn(8, 50, generator=g, dtype=F64)
+    y = torch.randint(0, 50, (8,), generator=g)
+    got, grad = run(fastkd.distill_loss, wide[:, :50], torch.topk(t, 5), y, temperature=2.0)
+    want, want_grad = run(fastkd.reference.distill_loss, wide[:, :50].contiguous(), torch.topk(t, 5), y,
+                          temperature=2.0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_nan_student_row_and_double_backward():
+    s, t, y = make_inputs((4, 50), ignore_fraction=0.0)
+    s[1, 3] = float("nan")
+    rows = fastkd.distill_loss(s, torch.topk(t, 5), y, reduction="none")
+    assert rows[1].isnan() and rows[[0, 2, 3]].isfinite().all()
+    x = s.clone().requires_grad_()
+    loss = fastkd.distill_loss(x, torch.topk(t, 5), y)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    s, t, y = make_inputs((4, 60), seed=8)
+    teacher = sparse_teacher(t, 6, "bucket")
+    fn = torch.compile(lambda x, st, y, **kw: fastkd.distill_loss(x, st, y, **kw), fullgraph=True)
+    kw = dict(temperature=2.0, divergence="jsd")
+    got, grad = run(fn, s, teacher, y, **kw)
+    want, want_grad = run(fastkd.distill_loss, s, teacher, y, **kw)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(grad, want_grad)
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 def test_bad_inputs():
