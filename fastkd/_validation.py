@@ -121,11 +121,12 @@ def _check_num_items(num_items_in_batch: object, reduction: str, device: torch.d
         raise ValueError(f"num_items_in_batch must be > 0, got {value}")
 
 
-def check_sparse_teacher(student_logits: torch.Tensor, teacher: SparseTeacher) -> None:
+def check_sparse_teacher(student_logits: torch.Tensor, teacher: SparseTeacher, index_values: bool = True) -> None:
     """Check a SparseTeacher against the student: dtypes, shapes ``(..., K)`` with the student's
-    leading dimensions, the device, no gradient, and on the CPU the indices of the valid (non -inf)
-    slots: in ``[0, V)`` (IndexError) and not repeated within a row (ValueError). On other devices the
-    index values are not read (that would synchronise with the host)."""
+    leading dimensions, the device, no gradient, and on the CPU (when ``index_values``) the indices of
+    the valid (non -inf) slots: in ``[0, V)`` (IndexError) and not repeated within a row (ValueError).
+    On other devices the index values are not read (that would synchronise with the host); the CPU op
+    makes the same index checks itself, in one pass without a sort."""
     idx, val = teacher.indices, teacher.values
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"teacher_logits.indices (SparseTeacher) must be int32 or int64, got {idx.dtype}")
@@ -153,7 +154,7 @@ def check_sparse_teacher(student_logits: torch.Tensor, teacher: SparseTeacher) -
             "teacher_logits.values (SparseTeacher) requires grad, but the sparse teacher is not differentiable "
             "(offline distillation); pass values.detach(), or a dense teacher for online distillation"
         )
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    if not index_values or device.type != "cpu" or torch.compiler.is_compiling():
         return
     vocab = student_logits.shape[-1]
     k = idx.shape[-1]
@@ -192,11 +193,13 @@ def check_distill_args(
     beta: float | None = None,
     soft_mask: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    sparse_index_values: bool = True,
 ) -> float:
     """Raise TypeError / ValueError for anything SPEC calls a bad input.
 
-    Returns the resolved beta: ``beta`` itself, the divergence's default when it is None, or 0.0 for a
-    divergence that takes no beta.
+    ``sparse_index_values=False`` leaves a SparseTeacher's index values (range, duplicates) to the
+    op that checks them itself. Returns the resolved beta: ``beta`` itself, the divergence's default
+    when it is None, or 0.0 for a divergence that takes no beta.
     """
     sparse = isinstance(teacher_logits, SparseTeacher)
     dense = (("student_logits", student_logits),) + (() if sparse else (("teacher_logits", teacher_logits),))
@@ -219,7 +222,7 @@ def check_distill_args(
         raise ValueError(f"student_logits has an empty vocabulary (last dimension is 0), shape {s_shape}")
     device = student_logits.device
     if sparse:
-        check_sparse_teacher(student_logits, teacher_logits)
+        check_sparse_teacher(student_logits, teacher_logits, sparse_index_values)
     elif teacher_logits.device != device:
         raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on {device}")
     if not _is_real(temperature):

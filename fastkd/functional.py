@@ -41,6 +41,12 @@ def _has_rows_kernel_for(device_type: str) -> bool:
     return device_type in _ROWS_KERNELS
 
 
+def _sparse_op_checks_indices(student_logits: object) -> bool:
+    """Whether the sparse op runs and checks a SparseTeacher's indices itself (range and duplicates in
+    one pass, cheaper than the sort of the Python check)."""
+    return isinstance(student_logits, torch.Tensor) and student_logits.device.type in _SPARSE_KERNELS
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | SparseTeacher,
@@ -114,6 +120,7 @@ def distill_loss(
     resolved_beta = check_distill_args(
         student_logits, teacher_logits, target, temperature, alpha, label_smoothing, reduction,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
+        sparse_index_values=not _sparse_op_checks_indices(student_logits),
     )
     kwargs = dict(
         temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,

@@ -50,16 +50,27 @@ double fp16_prescale(double soft_weight, double hard_weight, double inv_t, const
   return std::ldexp(1.0, exponent);
 }
 
-// Indices of the valid (non -inf) slots must lie in [0, vocab): the kernel reads the student there.
+// Indices of the valid (non -inf) slots must lie in [0, vocab) (the kernel reads the student there)
+// and appear once per row (the tail's sum zeroes the support's entries once each). One stamp per
+// vocabulary entry, the last row that listed it: O(rows K), no sort.
 template <class index_t>
 void check_indices(const at::Tensor& indices, const at::Tensor& values, int64_t vocab) {
   const index_t* idx = indices.const_data_ptr<index_t>();
   const double* val = values.const_data_ptr<double>();
   const double ninf = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < indices.numel(); ++i) {
-    if (val[i] == ninf) continue;
-    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < vocab, "fastkd::sparse_distill_rows: teacher index ", int64_t(idx[i]),
-                      " at row ", i / std::max<int64_t>(indices.size(1), 1), " is out of range [0, ", vocab, ")");
+  const int64_t rows = indices.size(0), k = indices.size(1);
+  std::vector<int64_t> last_row(vocab, -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t slot = 0; slot < k; ++slot) {
+      const int64_t i = r * k + slot;
+      if (val[i] == ninf) continue;
+      const int64_t j = int64_t(idx[i]);
+      TORCH_CHECK_INDEX(j >= 0 && j < vocab, "teacher_logits.indices (SparseTeacher) holds ", j, " at row ", r,
+                        ", slot ", slot, ": out of range, expected a vocabulary index in [0, ", vocab, ")");
+      TORCH_CHECK_VALUE(last_row[j] != r, "teacher_logits.indices (SparseTeacher) lists index ", j,
+                        " twice in row ", r, "; each vocabulary index may appear once per row");
+      last_row[j] = r;
+    }
   }
 }
 
