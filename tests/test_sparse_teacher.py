@@ -281,6 +281,23 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad, want_grad)
 
 
+def test_threads_give_identical_rows():
+    """Rows are independent: the parallel split changes nothing, bit for bit."""
+    s, t, y = make_inputs((300, 2000), seed=9)
+    teacher = sparse_teacher(t, 32, "bucket", pad_rows=3)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run(fastkd.distill_loss, s, teacher, y, temperature=1.5, divergence="tvd",
+                               reduction="none"))
+    finally:
+        torch.set_num_threads(threads)
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 def test_bad_inputs():
