@@ -16,7 +16,8 @@ import torch
 
 from fastkd import ops, reference
 from fastkd._validation import check_distill_args
-from fastkd.functional import _has_rows_kernel_for, _row_weights
+from fastkd.functional import _SPARSE_KERNELS, _has_rows_kernel_for, _reduced_terms, _row_weights
+from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
 # Bytes one chunk's logits buffer may take (per head, and as many again for its gradient).
@@ -58,13 +59,16 @@ class _Side:
     hidden: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    logits: torch.Tensor | None  # dense teacher logits instead of hidden / weight
+    logits: torch.Tensor | SparseTeacher | None  # teacher logits (dense, or top-k) instead of hidden / weight
     grad_hidden: torch.Tensor | None = None
     grad_weight: torch.Tensor | None = None  # float32
     grad_bias: torch.Tensor | None = None  # float32
     grad_logits: torch.Tensor | None = None
 
-    def chunk_logits(self, head: _Head, rows: slice) -> torch.Tensor:
+    def chunk_logits(self, head: _Head, rows: slice) -> torch.Tensor | SparseTeacher:
+        if isinstance(self.logits, SparseTeacher):
+            t = self.logits
+            return SparseTeacher(t.indices[rows], t.values[rows], kind=t.kind, tail=t.tail)
         if self.logits is not None:
             return self.logits[rows, : head.vocab]
         return head.logits(self.hidden[rows], self.weight, self.bias)
@@ -105,17 +109,24 @@ def _run_chunks(
     n = student.hidden.shape[0]
     want_s, want_t = student.wants_grad(), teacher.wants_grad()
     # The fused op where this build has it for the device, else its plain PyTorch twin.
-    rows_op = ops.distill_rows if _has_rows_kernel_for(student.hidden.device.type) else reference.distill_rows
+    device = student.hidden.device.type
+    rows_op = ops.distill_rows if _has_rows_kernel_for(device) else reference.distill_rows
+    sparse_op = device in _SPARSE_KERNELS
+    if isinstance(teacher.logits, SparseTeacher) and not sparse_op:
+        rows_op = reference.distill_rows
     loss_rows, soft_rows, hard_rows = [], [], []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         zs = student.chunk_logits(head, rows)
         zt = teacher.chunk_logits(head, rows)
-        loss, soft, hard, gs, gt, grad_scale = rows_op(
-            zs, zt, None if target is None else target[rows], None if soft_mask is None else soft_mask[rows],
-            weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"],
-            want_s, want_t,
-        )
+        y_chunk = None if target is None else target[rows]
+        mask_chunk = None if soft_mask is None else soft_mask[rows]
+        args = (weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"])
+        if isinstance(zt, SparseTeacher) and sparse_op:
+            loss, soft, hard, gs, grad_scale = sparse_rows(zt, zs, y_chunk, mask_chunk, *args, want_s)
+            gt = None
+        else:
+            loss, soft, hard, gs, gt, grad_scale = rows_op(zs, zt, y_chunk, mask_chunk, *args, want_s, want_t)
         loss_rows.append(loss)
         soft_rows.append(soft)
         hard_rows.append(hard)
@@ -227,9 +238,14 @@ def _check_head_args(
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
                              f"{tuple(student_hidden.shape)} must have the same leading (row) dimensions")
         vocabs["teacher_weight"] = teacher_weight.shape[0]
+    elif isinstance(teacher_logits, SparseTeacher):
+        if teacher_logits.indices.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(f"teacher_logits (a SparseTeacher) has rows {tuple(teacher_logits.indices.shape[:-1])} "
+                             f"but student_hidden {tuple(student_hidden.shape)} has {tuple(student_hidden.shape[:-1])}")
     else:
         if not isinstance(teacher_logits, torch.Tensor):
-            raise TypeError(f"teacher_logits must be a dense torch.Tensor here, got {type(teacher_logits).__name__}")
+            raise TypeError("teacher_logits must be a torch.Tensor or a fastkd.SparseTeacher, got "
+                            f"{type(teacher_logits).__name__}")
         if teacher_logits.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must have the rows of student_hidden "
                              f"{tuple(student_hidden.shape)} (leading dimensions)")
@@ -316,13 +332,14 @@ def fused_linear_distill_loss(
         TypeError, ValueError: bad arguments (sizes that do not match, vocabularies that differ without
             ``vocab_size``, everything :func:`fastkd.distill_loss` checks), before any matmul runs.
     """
+    teacher_logits = as_teacher(teacher_logits)  # a torch.topk result is a SparseTeacher
     vocab = _check_head_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              teacher_bias, teacher_logits, vocab_size, chunk_size, logit_scale, softcap)
     rows_shape = student_hidden.shape[:-1]
     # Logits-shaped stand-ins that hold no memory (stride 0), for the checks distill_loss makes.
     probe = student_hidden.new_zeros(()).expand(*rows_shape, vocab)
     beta = check_distill_args(
-        probe, probe, target, temperature, alpha, label_smoothing, reduction,
+        probe, teacher_logits if isinstance(teacher_logits, SparseTeacher) else probe, target, temperature, alpha, label_smoothing, reduction,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -341,16 +358,16 @@ def fused_linear_distill_loss(
                 divergence=divergence, beta=float(beta)),
     )
     t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    if isinstance(teacher_logits, SparseTeacher):
+        k = teacher_logits.k
+        t_logits = SparseTeacher(teacher_logits.indices.reshape(-1, k), teacher_logits.values.reshape(-1, k),
+                                 kind=teacher_logits.kind, tail=teacher_logits.tail)
+    else:
+        t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1])
     loss_rows, soft_rows, hard_rows = _FusedLinearDistill.apply(
         cfg, h_s, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias, t_logits,
     )
-    if reduction == "none":
-        terms = DistillTerms(loss_rows.reshape(rows_shape), soft_rows.reshape(rows_shape), hard_rows.reshape(rows_shape))
-    else:
-        loss = loss_rows.sum()
-        terms = DistillTerms(loss, (soft_rows.sum() * soft_norm).to(loss.dtype), (hard_rows.sum() * hard_norm).to(loss.dtype))
-    return terms if return_terms else terms.loss
+    return _reduced_terms(loss_rows, soft_rows, hard_rows, rows_shape, reduction, soft_norm, hard_norm, return_terms)
 
 
 class FusedLinearDistillLoss(torch.nn.Module):

@@ -202,13 +202,14 @@ def distill_rows(
               soft_mask=soft_mask, reduction="none", scale_by_temperature_squared=False)
     with torch.enable_grad():
         s = student.detach().requires_grad_(student_grad)
-        t = teacher.detach().requires_grad_(teacher_grad)
+        # A SparseTeacher (top-k) has no gradient of its own.
+        t = teacher if not isinstance(teacher, torch.Tensor) else teacher.detach().requires_grad_(teacher_grad)
         soft = distill_loss(s, t, target, alpha=1.0, **kw)
         hard = distill_loss(s, t, target, alpha=0.0, **kw) if target is not None else torch.zeros_like(soft)
         loss = weights[0].to(soft.dtype) * soft + weights[1].to(hard.dtype) * hard
         wanted = [x for x, w in ((s, student_grad), (t, teacher_grad)) if w]
         grads = list(torch.autograd.grad(loss.sum(), wanted)) if wanted else []
     grad_s = grads.pop(0) if student_grad else student.new_empty((0,))
-    grad_t = grads.pop(0) if teacher_grad else teacher.new_empty((0,))
+    grad_t = grads.pop(0) if teacher_grad else student.new_empty((0,))
     one = torch.ones((), dtype=torch.float32, device=student.device)
     return loss.detach(), soft.detach(), hard.detach(), grad_s, grad_t, one

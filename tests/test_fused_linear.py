@@ -191,3 +191,31 @@ def test_devices_without_the_kernel_run_the_plain_pytorch_rows(monkeypatch, dive
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_a_sparse_top_k_teacher(monkeypatch, tail, divergence):
+    import fastkd.fused_linear as fused_linear
+
+    c = _case()
+    with torch.no_grad():
+        teacher_logprobs = torch.log_softmax(_head(c["ht"], c["wt"], None, c["vocab"]), dim=-1)
+    values, indices = teacher_logprobs.topk(6, dim=-1)
+    teacher = fastkd.SparseTeacher(indices, values, kind="logprobs", tail=tail)
+    kw = dict(temperature=2.0, alpha=0.6, divergence=divergence)
+    loss = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_logits=teacher, student_bias=c["bs"],
+                                            chunk_size=5, **kw)
+    got = torch.autograd.grad(loss, [c["hs"], c["ws"], c["bs"]])
+    zs = _head(c["hs"], c["ws"], c["bs"], c["vocab"])
+    want_loss = fastkd.reference.distill_loss(zs, teacher, c["y"], **kw)
+    want = torch.autograd.grad(want_loss, [c["hs"], c["ws"], c["bs"]])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-14)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    # Devices without the sparse kernel run the plain PyTorch rows: the same result.
+    monkeypatch.setattr(fused_linear, "_SPARSE_KERNELS", frozenset())
+    monkeypatch.setattr(fused_linear, "_has_rows_kernel_for", lambda device_type: False)
+    again = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_logits=teacher, student_bias=c["bs"],
+                                             chunk_size=5, **kw)
+    torch.testing.assert_close(again, want_loss, rtol=1e-12, atol=1e-14)
