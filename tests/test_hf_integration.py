@@ -243,6 +243,31 @@ def test_offline_topk_teacher(tmp_path):
         trainer.compute_loss(student, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
 
 
+def test_offline_topk_teacher_through_the_fused_linear_path(tmp_path):
+    teacher = _teacher()
+    examples = _examples(4)
+    with torch.no_grad():
+        for e in examples:
+            logprobs = teacher(input_ids=e["input_ids"][None]).logits[0, :, :V_STUDENT].log_softmax(-1)
+            top = logprobs.topk(8, dim=-1)
+            e["teacher_topk_indices"], e["teacher_topk_logprobs"] = top.indices, top.values
+    batch = _collate(examples)
+    student = _student()
+    dense = DistillationTrainer(model=student, teacher_model=None, args=_args(tmp_path / "a"),
+                                train_dataset=examples, data_collator=_collate)
+    fused = DistillationTrainer(model=student, teacher_model=None, args=_args(tmp_path / "b", fused_linear=True,
+                                                                               chunk_size=5),
+                                train_dataset=examples, data_collator=_collate)
+    want = dense.compute_loss(student, dict(batch))
+    want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
+    got = fused.compute_loss(student, dict(batch))
+    got_grads = torch.autograd.grad(got, list(student.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(temperature=0.0), "temperature"),
     (dict(alpha=1.5), "alpha"),

@@ -137,7 +137,6 @@ class DistillationTrainer(transformers.Trainer):
         Raises:
             ValueError: no ``labels``; offline columns missing; a teacher vocabulary smaller than the
                 loss's; heads whose output transforms differ (``fused_linear``).
-            NotImplementedError: an offline teacher with ``fused_linear`` or without ``fastkd.SparseTeacher``.
         """
         args: DistillationConfig = self.args
         inputs = dict(inputs)
@@ -190,32 +189,38 @@ class DistillationTrainer(transformers.Trainer):
         return inputs
 
     def _fused_linear_loss(
-        self, model: nn.Module, inputs: dict[str, Any], target: torch.Tensor, loss_kwargs: dict[str, Any]
+        self, model: nn.Module, inputs: dict[str, Any], target: torch.Tensor, loss_kwargs: dict[str, Any],
+        sparse_teacher: fastkd.SparseTeacher | None = None,
     ) -> torch.Tensor:
+        """The loss from the student's final hidden states and lm_head weight, against the teacher model's
+        (or an offline top-k teacher): no N x V logits."""
         args: DistillationConfig = self.args
         student = self.accelerator.unwrap_model(model)
         s_base, s_weight, s_bias = lm_head_parts(student)
-        t_base, t_weight, t_bias = lm_head_parts(self.teacher_model)
         transform = head_transform(student)
-        if head_transform(self.teacher_model) != transform:
-            raise ValueError(
-                f"fused_linear=True applies one (logit_scale, softcap) to both heads, but the student's is "
-                f"{transform} and the teacher's {head_transform(self.teacher_model)}; use fused_linear=False"
-            )
         vocab = args.vocab_size or s_weight.shape[0]
-        self._check_vocab("teacher lm_head", t_weight.shape[0], vocab)
         self._check_vocab("student lm_head", s_weight.shape[0], vocab)
-        with torch.no_grad():
-            t_hidden = last_hidden_state(t_base, self._teacher_inputs(inputs))
+        if sparse_teacher is None:
+            t_base, t_weight, t_bias = lm_head_parts(self.teacher_model)
+            if head_transform(self.teacher_model) != transform:
+                raise ValueError(
+                    f"fused_linear=True applies one (logit_scale, softcap) to both heads, but the student's is "
+                    f"{transform} and the teacher's {head_transform(self.teacher_model)}; use fused_linear=False"
+                )
+            self._check_vocab("teacher lm_head", t_weight.shape[0], vocab)
+            with torch.no_grad():
+                t_hidden = last_hidden_state(t_base, self._teacher_inputs(inputs))
+            teacher = dict(teacher_hidden=t_hidden.to(t_weight.dtype), teacher_weight=t_weight.detach(),
+                           teacher_bias=None if t_bias is None else t_bias.detach())
+        else:
+            teacher = dict(teacher_logits=sparse_teacher)
 
         def forward(**model_inputs: Any) -> torch.Tensor:
             with self.accelerator.autocast():
                 hidden = last_hidden_state(s_base, model_inputs)
             return fastkd.fused_linear_distill_loss(
-                hidden.to(s_weight.dtype), s_weight, target, student_bias=s_bias,
-                teacher_hidden=t_hidden.to(t_weight.dtype), teacher_weight=t_weight.detach(),
-                teacher_bias=None if t_bias is None else t_bias.detach(), logit_scale=transform[0],
-                softcap=transform[1], vocab_size=vocab, chunk_size=args.chunk_size, **loss_kwargs,
+                hidden.to(s_weight.dtype), s_weight, target, student_bias=s_bias, logit_scale=transform[0],
+                softcap=transform[1], vocab_size=vocab, chunk_size=args.chunk_size, **teacher, **loss_kwargs,
             )
 
         if model is student:
@@ -235,19 +240,11 @@ class DistillationTrainer(transformers.Trainer):
                 f"{args.teacher_topk_indices_column!r} and {args.teacher_topk_logprobs_column!r} (B, S, K) "
                 "(keep them with remove_unused_columns=False, DistillationConfig's default)"
             )
-        sparse_teacher = getattr(fastkd, "SparseTeacher", None)
-        if sparse_teacher is None:
-            raise NotImplementedError(
-                "offline distillation from top-k teacher columns needs fastkd.SparseTeacher (fastkd/sparse.py), "
-                "which this fastkd does not provide"
-            )
+        teacher = fastkd.SparseTeacher(topk_indices, topk_logprobs, kind="logprobs", tail=args.teacher_topk_tail)
         if args.fused_linear:
-            raise NotImplementedError(
-                "fused_linear=True takes a teacher model (its hidden states and lm_head); "
-                "fastkd.fused_linear_distill_loss has no sparse (top-k) teacher: use fused_linear=False"
-            )
+            loss = self._fused_linear_loss(model, inputs, target, loss_kwargs, sparse_teacher=teacher)
+            return loss, {"loss": loss}
         outputs = model(**inputs)
         vocab = args.vocab_size or outputs.logits.shape[-1]
         self._check_vocab("student logits", outputs.logits.shape[-1], vocab)
-        teacher = sparse_teacher(topk_indices, topk_logprobs, kind="logprobs", tail=args.teacher_topk_tail)
         return fastkd.distill_loss(outputs.logits[..., :vocab], teacher, target, **loss_kwargs), outputs
