@@ -6,6 +6,8 @@
 - :class:`DistillationTrainer`: ``transformers.Trainer(model, teacher_model, args, ...)`` (the names of
   TRL's ``GKDTrainer``) whose loss is :func:`fastkd.distill_loss` on the shifted labels, normalised by
   the supervised tokens of the whole gradient-accumulation window and all processes.
+- :func:`cache_teacher_topk`: a teacher's per-token top-k log-probabilities in Parquet shards, the
+  dataset columns an offline ``DistillationTrainer(teacher_model=None)`` trains from.
 
 Example::
 
@@ -20,5 +22,6 @@ Importing this module imports transformers; ``import fastkd`` does not.
 """
 from fastkd.integrations._hf_config import DistillationConfig
 from fastkd.integrations._hf_trainer import DistillationTrainer
+from fastkd.integrations.topk_cache import cache_teacher_topk
 
-__all__ = ["DistillationConfig", "DistillationTrainer"]
+__all__ = ["DistillationConfig", "DistillationTrainer", "cache_teacher_topk"]
