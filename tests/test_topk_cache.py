@@ -105,3 +105,39 @@ def test_the_cli_verb_writes_the_cache(tmp_path):
     assert main(["cache-topk", "--teacher", str(tmp_path / "teacher"), "--data", str(data), "--k", "3",
                  "--out", str(tmp_path / "cache"), "--shard-size", "2", "--no-progress", "--device", "cpu"]) == 0
     assert len(_read(sorted((tmp_path / "cache").glob("shard-*.parquet")))) == 5
+
+
+def test_the_cache_trains_a_student_through_the_trainer(tmp_path):
+    """cache_teacher_topk's shards are what DistillationTrainer(teacher_model=None) trains from."""
+    from fastkd.integrations.transformers import DistillationConfig, DistillationTrainer
+
+    teacher, data = _teacher(), _data(4)
+    rows = _read(topk_cache.cache_teacher_topk(teacher, data, 6, tmp_path / "cache", progress=False))
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        out = {"input_ids": torch.zeros(len(examples), longest, dtype=torch.long),
+               "attention_mask": torch.zeros(len(examples), longest, dtype=torch.long),
+               "labels": torch.full((len(examples), longest), -100),
+               "teacher_topk_indices": torch.zeros(len(examples), longest, 6, dtype=torch.long),
+               "teacher_topk_logprobs": torch.full((len(examples), longest, 6), float("-inf"))}
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            out["input_ids"][i, :n] = torch.tensor(e["input_ids"])
+            out["attention_mask"][i, :n] = 1
+            out["labels"][i, :n] = torch.tensor(e["input_ids"])
+            out["teacher_topk_indices"][i, :n] = torch.tensor(e["teacher_topk_indices"])
+            out["teacher_topk_logprobs"][i, :n] = torch.tensor(e["teacher_topk_logprobs"])
+        return out
+
+    torch.manual_seed(1)
+    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64))
+    args = DistillationConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, save_strategy="no",
+                              disable_tqdm=True, max_steps=2, per_device_train_batch_size=2, temperature=1.0,
+                              alpha=0.5, dataloader_num_workers=0)
+    trainer = DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=rows,
+                                  data_collator=collate)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
