@@ -78,6 +78,7 @@ def test_every_divergence_runs_against_its_reference_and_the_exp_floor(tmp_path)
     doc = json.loads((tmp_path / "unit.json").read_text())
     assert [c["divergence"] for c in doc["cases"]] == list(DIVERGENCE_NAMES)
     assert doc["config"]["divergences"] == list(DIVERGENCE_NAMES) and "load 0.5" in doc["notes"]
+    assert not any(n.startswith("partial") for n in doc["notes"])  # saved after each case, then complete
     for case in doc["cases"]:
         assert case["key"] == f"32x500-fp32-{case['divergence']}"
         assert case["contenders"]["fastkd"]["check"]["ok"] is True, case["divergence"]

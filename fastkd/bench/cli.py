@@ -75,13 +75,17 @@ def _exit_code(cases: list[dict]) -> int:
     return 0
 
 
-def _save(opts: Options, doc: dict) -> None:
+def _save(opts: Options, doc: dict, final: bool = True) -> None:
+    """Write JSON and markdown; the plot and the printed file list only when ``final`` (the run is
+    done). A partial save after each case keeps the finished cases if a long run is stopped."""
     out = Path(opts.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = out / doc["machine"]
     report.write_json(base.with_suffix(".json"), doc)
     report.write_markdown(base.with_suffix(".md"), doc)
     written = [base.with_suffix(".json"), base.with_suffix(".md")]
+    if not final:
+        return
     try:
         from fastkd.bench.plot import write_plot
 
@@ -110,8 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastkd bench on {machine}: torch {env['torch']}, {env['cpu_model']} x{env['cpu_cores']}"
           + (f", {env['gpu_name']}" if opts.device == "cuda" else "") + f"; {len(opts.cases)} case(s)",
           flush=True)
-    cases = []
+    cases: list[dict] = []
     t_start = time.perf_counter()
+    method = method_notes(opts, peak_source)
+
+    def document(done: bool) -> dict:
+        if hasattr(os, "getloadavg"):
+            env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        env["wall_s"] = round(time.perf_counter() - t_start, 1)
+        config = {k: v for k, v in vars(opts).items() if k not in ("cases", "argv", "notes")}
+        config["peak_gbps"] = round(opts.peak_gbps, 2)
+        config["peak_gbps_source"] = peak_source
+        run_notes = notes if done else [*notes, f"partial: {len(cases)} of {len(opts.cases)} cases done"]
+        return {"schema": 1, "machine": machine, "environment": env, "config": config, "method": method,
+                "notes": run_notes, "cases": cases}
+
     for i, case in enumerate(opts.cases, 1):
         _log(f"[{i}/{len(opts.cases)}] {case.n}x{case.v} {case.dtype} {case.divergence} ...")
         run = run_case_isolated if opts.isolate else run_case
@@ -122,10 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(record)
         for line in report.headline([record]):
             _log("    " + line)
-    if hasattr(os, "getloadavg"):
-        env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    env["wall_s"] = round(time.perf_counter() - t_start, 1)
-    method = method_notes(opts, peak_source)
+        if opts.save and i < len(opts.cases):
+            _save(opts, document(done=False), final=False)
+    doc = document(done=True)
     print()
     print(report.text_table(cases))
     print()
@@ -138,11 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         print("notes:\n" + "\n".join(f"  - {n}" for n in notes))
     if opts.save:
-        config = {k: v for k, v in vars(opts).items() if k not in ("cases", "argv", "notes")}
-        config["peak_gbps"] = round(opts.peak_gbps, 2)
-        config["peak_gbps_source"] = peak_source
-        doc = {"schema": 1, "machine": machine, "environment": env, "config": config, "method": method,
-               "notes": notes, "cases": cases}
         _save(opts, doc)
     torch.cuda.empty_cache() if opts.device == "cuda" else None
     return _exit_code(cases)
