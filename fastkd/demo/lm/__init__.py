@@ -1,0 +1,14 @@
+"""``fastkd demo lm``: a Llama-style teacher trained on the Python standard library's own source, distilled
+into a smaller student with cross-entropy only, dense forward KL, JSD, an offline top-k teacher and the
+fused linear loss. transformers, tokenizers and matplotlib load only when it runs."""
+from fastkd.demo.lm.config import LMDemoConfig
+
+
+def run_lm_demo(*args, **kwargs):
+    """See :func:`fastkd.demo.lm.runner.run_lm_demo`."""
+    from fastkd.demo.lm.runner import run_lm_demo as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["LMDemoConfig", "run_lm_demo"]

@@ -1,0 +1,58 @@
+"""The LM demo's sizes and hyper-parameters: the full run, ``--quick`` and the test's tiny run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class LMDemoConfig:
+    # data and tokenizer
+    train_chars: int = 4_000_000
+    heldout_chars: int = 400_000
+    vocab_size: int = 8192
+    seq_len: int = 128
+    batch_size: int = 16
+    eval_tokens: int = 65_536
+    # models
+    teacher_hidden: int = 256
+    teacher_layers: int = 4
+    student_hidden: int = 128
+    student_layers: int = 2
+    heads: int = 4
+    # training
+    teacher_steps: int = 600
+    student_steps: int = 300
+    teacher_lr: float = 2e-3
+    student_lr: float = 3e-3
+    # distillation
+    temperature: float = 1.0
+    alpha: float = 0.5
+    jsd_beta: float = 0.5
+    top_k: int = 32
+    fused_chunk_size: int = 256
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, quick: bool = False) -> LMDemoConfig:
+        if not quick:
+            return cls()
+        return cls(train_chars=1_500_000, heldout_chars=200_000, seq_len=64, eval_tokens=16_384,
+                   teacher_steps=120, student_steps=60)
+
+    @classmethod
+    def tiny(cls) -> LMDemoConfig:
+        """Seconds, not minutes: for tests (a small vocabulary, so below the demo's 8192)."""
+        return cls(train_chars=150_000, heldout_chars=30_000, vocab_size=512, seq_len=32, batch_size=8,
+                   eval_tokens=2048, teacher_hidden=64, teacher_layers=2, student_hidden=32, student_layers=1,
+                   heads=2, teacher_steps=40, student_steps=20, fused_chunk_size=64)
+
+    def with_overrides(self, **overrides: object) -> LMDemoConfig:
+        """A copy with the given fields changed; ``None`` values are ignored (unset command-line options)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown LM demo setting(s): {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,165 @@
+"""``fastkd demo lm``: data, tokenizer, teacher, students, report."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fastkd
+from fastkd.demo.lm import train as T
+from fastkd.demo.lm.config import LMDemoConfig
+from fastkd.demo.lm.data import batch_starts, eval_windows, gather_windows, load_corpus
+from fastkd.demo.lm.memory import METHOD as MEMORY_METHOD
+from fastkd.demo.lm.models import build_llama, count_params
+from fastkd.demo.lm.tokenizer import encode_stream, train_tokenizer
+
+
+def _require_hf() -> None:
+    missing = [m for m in ("transformers", "tokenizers") if _absent(m)]
+    if missing:
+        raise SystemExit(f"fastkd demo lm needs {' and '.join(missing)}: pip install \"fastkd[hf]\"")
+
+
+def _absent(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+class _Progress:
+    """One line per phase on stderr, updated in place while a model trains."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def phase(self, text: str) -> None:
+        if self.enabled:
+            print(f"\r[{time.perf_counter() - self.start:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def stepper(self, name: str, steps: int):
+        def on_step(step: int, loss: float) -> None:
+            if self.enabled and (step + 1 == steps or step % 10 == 0):
+                end = "\n" if step + 1 == steps else ""
+                print(f"\r[{time.perf_counter() - self.start:6.1f} s] {name}: step {step + 1}/{steps} "
+                      f"loss {loss:.3f}", end=end, file=sys.stderr, flush=True)
+        return on_step
+
+
+def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
+                config: LMDemoConfig | None = None, progress: bool = True, threads: int | None = None,
+                students: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Train a Llama-style teacher on the Python standard library's source, then the same student several
+    ways (same steps, batches and initialization), and write ``out/report.json``, ``out/report.md`` and
+    ``out/perplexity.png``. Returns the report.
+
+    ``threads``: torch CPU threads (None: torch's default). ``students``: a subset of
+    :data:`fastkd.demo.lm.train.STUDENTS` (default: all)."""
+    from fastkd.demo.lm.report import write_report
+
+    _require_hf()
+    start = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = config if config is not None else LMDemoConfig.preset(quick=quick)
+    names = tuple(T.STUDENTS) if students is None else students
+    unknown = [s for s in names if s not in T.STUDENTS]
+    if unknown:
+        raise ValueError(f"unknown student(s) {unknown}; choose from {list(T.STUDENTS)}")
+    say = _Progress(progress)
+    timings: dict[str, float] = {}
+
+    say.phase("reading the standard library's source")
+    t0 = time.perf_counter()
+    corpus = load_corpus(cfg.train_chars, cfg.heldout_chars)
+    tok = train_tokenizer(corpus.train, cfg.vocab_size)
+    train_stream = encode_stream(tok, corpus.train)
+    heldout_stream = encode_stream(tok, corpus.heldout)
+    timings["data_and_tokenizer_s"] = time.perf_counter() - t0
+    vocab = tok.get_vocab_size()
+    heldout = eval_windows(heldout_stream, cfg.seq_len, cfg.eval_tokens)
+
+    def batches(steps: int, seed: int) -> torch.Tensor:
+        starts = batch_starts(len(train_stream), cfg.seq_len, steps, cfg.batch_size, seed)
+        return gather_windows(train_stream, starts, cfg.seq_len)
+
+    models: dict[str, dict[str, Any]] = {}
+
+    def record(key: str, model: torch.nn.Module, stats: T.RunStats, description: str, **extra: Any) -> None:
+        evaluation = T.perplexity(model, heldout, cfg.batch_size)
+        models[key] = {
+            "description": description, "params": count_params(model),
+            "perplexity": evaluation["perplexity"], "heldout_cross_entropy": evaluation["cross_entropy"],
+            "final_train_loss": stats.final_train_loss, "steps": len(stats.step_times),
+            "step_ms": stats.step_ms, "train_s": stats.train_s,
+            "peak_rss_mib": None if stats.peak_rss_bytes is None else stats.peak_rss_bytes / 2**20,
+            **extra,
+        }
+        say.phase(f"{key}: held-out perplexity {evaluation['perplexity']:.2f}")
+
+    # The teacher: bigger, longer, cross-entropy only, on its own batches.
+    teacher = build_llama(vocab, cfg.teacher_hidden, cfg.teacher_layers, cfg.heads, cfg.seq_len, cfg.seed)
+    stats = T.train(teacher, batches(cfg.teacher_steps, cfg.seed + 1), T.cross_entropy_loss(), cfg.teacher_lr,
+                    say.stepper("teacher", cfg.teacher_steps))
+    teacher.requires_grad_(False)  # frozen from here on: no teacher gradient in any student's loss
+    record("teacher", teacher, stats, "teacher, cross-entropy")
+
+    student_batches = batches(cfg.student_steps, cfg.seed + 2)
+    kd = {"temperature": cfg.temperature, "alpha": cfg.alpha}
+    for name in names:
+        extra: dict[str, Any] = {}
+        if name == "student_scratch":
+            loss_fn = T.cross_entropy_loss()
+        elif name == "student_distilled":
+            loss_fn = T.dense_distill_loss(teacher, cfg.temperature, cfg.alpha, "forward_kl")
+            extra = {**kd, "divergence": "forward_kl"}
+        elif name == "student_jsd":
+            loss_fn = T.dense_distill_loss(teacher, cfg.temperature, cfg.alpha, "jsd", cfg.jsd_beta)
+            extra = {**kd, "divergence": "jsd", "beta": cfg.jsd_beta}
+        elif name == "student_topk":
+            t0 = time.perf_counter()
+            cache = T.topk_cache(teacher, student_batches, cfg.top_k)
+            extra = {**kd, "divergence": "forward_kl", "top_k": cfg.top_k, "tail": "bucket",
+                     "cache_s": time.perf_counter() - t0,
+                     "cache_mib": sum(t.numel() * t.element_size() for t in cache) / 2**20}
+            loss_fn = T.topk_distill_loss(cache, cfg.temperature, cfg.alpha)
+        else:
+            loss_fn = T.fused_distill_loss(teacher, cfg.temperature, cfg.alpha, cfg.fused_chunk_size)
+            extra = {**kd, "divergence": "forward_kl", "chunk_size": cfg.fused_chunk_size}
+        student = build_llama(vocab, cfg.student_hidden, cfg.student_layers, cfg.heads, cfg.seq_len,
+                              cfg.seed + 3)
+        stats = T.train(student, student_batches, loss_fn, cfg.student_lr, say.stepper(name, cfg.student_steps))
+        record(name, student, stats, T.STUDENTS[name], **extra)
+        del student, loss_fn
+
+    if "student_scratch" in models:
+        models["student_hard_labels"] = dict(models["student_scratch"])
+    meta = {
+        "config": cfg.as_dict(), "quick": quick,
+        "data": {
+            "source": f"Python {platform.python_version()} standard library source files (*.py) under "
+                      f"{corpus.root}, split by file (crc32 of the path)",
+            "train_files": corpus.train_files, "heldout_files": corpus.heldout_files,
+            "train_chars": corpus.train_chars, "heldout_chars": corpus.heldout_chars,
+            "train_tokens": len(train_stream), "heldout_tokens_total": len(heldout_stream),
+            "heldout_tokens_scored": int(heldout.shape[0] * (heldout.shape[1] - 1)),
+        },
+        "tokenizer": {"kind": "byte-level BPE (Hugging Face tokenizers), trained on the train split",
+                      "vocab_size": vocab},
+        "memory_method": MEMORY_METHOD,
+        "step_time_method": "median wall time of a training step (forward, loss, backward, optimizer) after "
+                            "2 warm-up steps; dense and fused students include the frozen teacher's forward",
+        "threads": torch.get_num_threads(), "device": f"cpu ({os.cpu_count()} cores visible)",
+        "torch": torch.__version__, "fastkd": fastkd.__version__,
+        "timings": timings,
+    }
+    meta["total_s"] = time.perf_counter() - start
+    report = {**models, "meta": meta}
+    write_report(report, Path(out))
+    say.phase(f"wrote {Path(out) / 'report.md'}, report.json and perplexity.png")
+    return report
