@@ -1,0 +1,418 @@
+#!/usr/bin/env python
+"""Benchmark of ``fastkd.fused_linear_distill_loss`` (CPU): the distillation loss from hidden states and
+lm_head weights, side by side in one process with
+
+- ``matmuls alone``: the same matmuls and no loss (student and teacher logits, the two student gradient
+  matmuls with a random logits gradient G), the floor of any fused linear loss;
+- Liger-Kernel's ``LigerFusedLinearJSDLoss`` (beta = 0: forward KL), compiled and eager, when
+  ``liger_kernel`` imports, against fastkd with ``scale_by_temperature_squared=False`` (Liger's loss);
+- the materialised path: N x V logits of both heads, then ``fastkd.distill_loss``.
+
+    python benchmarks/bench_fused_linear.py                       # headline + sweep, writes results
+    python benchmarks/bench_fused_linear.py --n 256 --vocab 4000 --sweep 128,256 --rounds 3 --out /tmp/x
+
+Interleaved rounds (order rotated per round), medians; see benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import fastkd
+from fastkd.bench import machine
+from fastkd.bench.memory import _reset_hwm, _Sampler, _status_kib, _trim_heap, cpu_method
+
+MIB = 2**20
+FASTKD = "fastkd fused"
+FASTKD_NO_T2 = "fastkd fused (no T^2)"
+MATMULS = "matmuls alone"
+LIGER = "Liger fused JSD(beta=0) compiled"
+LIGER_EAGER = "Liger fused JSD(beta=0) eager"
+MATERIALISED = "materialised + fastkd.distill_loss"
+
+
+@dataclass
+class Inputs:
+    hs: torch.Tensor  # (N, Hs), requires grad
+    ws: torch.Tensor  # (V, Hs), requires grad
+    ht: torch.Tensor  # (N, Ht), frozen
+    wt: torch.Tensor  # (V, Ht), frozen
+    y: torch.Tensor  # (N,), ignore_frac of them -100
+    g: torch.Tensor | None = None  # (N, V) random logits gradient, for the matmul floor only
+
+
+def make_inputs(n: int, h_s: int, h_t: int, v: int, ignore_frac: float, seed: int, floor: bool) -> Inputs:
+    gen = torch.Generator().manual_seed(seed)
+    # Weights ~ N(0, 4 / H): logits with standard deviation about 2.
+    hs = torch.randn(n, h_s, generator=gen).requires_grad_()
+    ws = (torch.randn(v, h_s, generator=gen) * (2 / h_s**0.5)).requires_grad_()
+    ht = torch.randn(n, h_t, generator=gen)
+    wt = torch.randn(v, h_t, generator=gen) * (2 / h_t**0.5)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[torch.randperm(n, generator=gen)[: int(round(ignore_frac * n))]] = -100
+    g = torch.randn(n, v, generator=gen) * 1e-4 if floor else None
+    return Inputs(hs, ws, ht, wt, y, g)
+
+
+class Contender:
+    """forward(x) -> loss or None; backward(out, x)."""
+
+    def __init__(self, name, forward, backward=None):
+        self.name = name
+        self.forward = forward
+        self.backward = backward or (lambda out, x: out.backward())
+
+
+def contenders(temperature: float, alpha: float, liger: dict, floor: bool, liger_eager: bool) -> list[Contender]:
+    def fused(scale_t2):
+        def f(x):
+            return fastkd.fused_linear_distill_loss(
+                x.hs, x.ws, x.y, teacher_hidden=x.ht, teacher_weight=x.wt, temperature=temperature, alpha=alpha,
+                scale_by_temperature_squared=scale_t2, divergence="forward_kl")
+        return f
+
+    def materialised(x):
+        zs = x.hs @ x.ws.T
+        with torch.no_grad():
+            zt = x.ht @ x.wt.T
+        return fastkd.distill_loss(zs, zt, x.y, temperature=temperature, alpha=alpha, divergence="forward_kl")
+
+    def floor_fwd(x):
+        with torch.no_grad():
+            return (x.hs @ x.ws.T, x.ht @ x.wt.T)
+
+    def floor_bwd(out, x):
+        with torch.no_grad():
+            x.g @ x.ws  # grad of the student hidden states
+            x.g.T @ x.hs  # grad of the student weight
+
+    out = [Contender(FASTKD, fused(True)), Contender(FASTKD_NO_T2, fused(False))]
+    if floor:
+        out.append(Contender(MATMULS, floor_fwd, floor_bwd))
+    if liger.get("module") is not None:
+        jsd = liger["module"]
+        kw = dict(beta=0.0, temperature=temperature, weight_hard_loss=1 - alpha, weight_soft_loss=alpha)
+        for name, compiled in ((LIGER, True), (LIGER_EAGER, False)):
+            if compiled or liger_eager:
+                mod = jsd(compiled=compiled, **kw)
+                out.append(Contender(name, lambda x, mod=mod: mod(x.hs, x.ws, x.ht, x.wt, x.y)))
+    out.append(Contender(MATERIALISED, materialised))
+    return out
+
+
+def step(c: Contender, x: Inputs) -> dict:
+    """One training-style step: grads None, forward, backward; perf_counter around each phase, and the
+    peak resident set size during the step over the resident set size just before it."""
+    x.hs.grad = None
+    x.ws.grad = None
+    gc.collect()
+    _trim_heap()
+    sampler = None
+    if _reset_hwm():
+        pre = _status_kib("VmRSS") * 1024
+    else:
+        sampler = _Sampler()
+        pre = sampler.peak
+        sampler.start()
+    t0 = time.perf_counter()
+    out = c.forward(x)
+    t1 = time.perf_counter()
+    c.backward(out, x)
+    t2 = time.perf_counter()
+    if sampler is None:
+        peak = _status_kib("VmHWM") * 1024
+    else:
+        sampler.stop.set()
+        sampler.join()
+        peak = sampler.peak
+    loss = float(out.detach()) if isinstance(out, torch.Tensor) else None
+    del out
+    x.hs.grad = None
+    x.ws.grad = None
+    return {"fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3, "fwd_bwd_ms": (t2 - t0) * 1e3,
+            "peak_extra_bytes": max(peak - pre, 0), "loss": loss}
+
+
+def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: bool, log) -> dict:
+    res = {c.name: {"samples": []} for c in cs}
+    if warmup:
+        for c in cs:
+            t0 = time.perf_counter()
+            step(c, x)
+            res[c.name]["first_call_s"] = round(time.perf_counter() - t0, 3)
+            log(f"  warm-up {c.name}: {res[c.name]['first_call_s']} s")
+    for r in range(rounds):
+        order = cs[r % len(cs):] + cs[: r % len(cs)]
+        load = os.getloadavg()[0]
+        for c in order:
+            s = step(c, x)
+            s["round"], s["load_1min_at_round_start"] = r, round(load, 2)
+            res[c.name]["samples"].append(s)
+            log(f"  round {r} {c.name}: {s['fwd_bwd_ms']:.0f} ms, {s['peak_extra_bytes'] / MIB:.0f} MiB")
+    for r in res.values():
+        sm = r["samples"]
+        if not sm:
+            continue
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms"):
+            r[key] = statistics.median(s[key] for s in sm)
+        r["fwd_bwd_ms_min"] = min(s["fwd_bwd_ms"] for s in sm)
+        r["peak_extra_mib"] = statistics.median(s["peak_extra_bytes"] for s in sm) / MIB
+        r["loss"] = sm[0]["loss"]
+    return res
+
+
+def load_liger() -> dict:
+    try:
+        from importlib.metadata import version
+
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        return {"module": LigerFusedLinearJSDLoss, "version": version("liger-kernel")}
+    except Exception as e:  # noqa: BLE001 - any import failure makes the peer unavailable
+        return {"module": None, "unavailable": f"{type(e).__name__}: {e}"}
+
+
+def terms_check(liger: dict, temperature: float, alpha: float, h_s: int, h_t: int, v: int, n: int = 256) -> dict:
+    """fastkd's soft and hard terms against Liger's (eager, return_soft_hard_loss) on a small slice."""
+    x = make_inputs(n, h_s, h_t, v, 0.1, 1, floor=False)
+    with torch.no_grad():
+        t = fastkd.fused_linear_distill_loss(x.hs, x.ws, x.y, teacher_hidden=x.ht, teacher_weight=x.wt,
+                                             temperature=temperature, alpha=alpha, return_terms=True,
+                                             scale_by_temperature_squared=False)
+    out = {"n": n, "fastkd_soft": float(t.soft), "fastkd_hard": float(t.hard), "fastkd_loss_no_t2": float(t.loss)}
+    if liger.get("module") is not None:
+        mod = liger["module"](beta=0.0, temperature=temperature, weight_hard_loss=1 - alpha,
+                              weight_soft_loss=alpha, compiled=False, return_soft_hard_loss=True)
+        loss, soft, hard = mod(x.hs, x.ws, x.ht, x.wt, x.y)
+        out.update(liger_soft=float(soft), liger_hard=float(hard), liger_loss=float(loss))
+    return out
+
+
+def wait_for_load(limit: float, max_wait_s: float, log) -> list[float]:
+    waited = 0.0
+    while os.getloadavg()[0] >= limit and waited < max_wait_s:
+        log(f"load {os.getloadavg()[0]:.2f} >= {limit}: waiting 60 s")
+        time.sleep(60)
+        waited += 60
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def plot(path: Path, sweep: dict, nv_mib_per_row: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({name for case in sweep.values() for name in case})
+    for name in names:
+        ns = sorted(int(n) for n in sweep if name in sweep[n])
+        a1.plot(ns, [sweep[str(n)][name]["fwd_bwd_ms"] for n in ns], marker="o", label=name)
+        a2.plot(ns, [sweep[str(n)][name]["peak_extra_mib"] for n in ns], marker="o", label=name)
+    for ax, title, ylabel in ((a1, "forward+backward (median)", "ms"), (a2, "peak extra memory (median)", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (rows)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(rec: dict) -> str:
+    a = rec["args"]
+    nv = a["n"] * a["vocab"] * 4 / MIB
+    h = rec["headline"]
+    f = h[FASTKD]["fwd_bwd_ms"]
+    f0 = h[FASTKD_NO_T2]["fwd_bwd_ms"]
+    lines = [
+        "# fastkd.fused_linear_distill_loss benchmark (CPU)", "",
+        f"N = {a['n']}, H_student = {a['h_student']}, H_teacher = {a['h_teacher']}, V = {a['vocab']}, fp32, "
+        f"forward_kl, T = {a['temperature']}, alpha = {a['alpha']}, {a['ignore_frac']:.0%} of targets = -100, "
+        f"reduction mean; student hidden states and weight require grad, teacher frozen. "
+        f"{a['rounds']} interleaved rounds, medians. One N x V fp32 tensor = {nv:.0f} MiB.", "",
+        "| implementation | fwd ms | bwd ms | fwd+bwd ms (median) | fwd+bwd ms (min) | ratio (medians) "
+        "| same ratio of minima | peak extra MiB | x N x V fp32 | loss |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    fm, f0m = h[FASTKD]["fwd_bwd_ms_min"], h[FASTKD_NO_T2]["fwd_bwd_ms_min"]
+    for name, r in h.items():
+        med, mn = r["fwd_bwd_ms"], r["fwd_bwd_ms_min"]
+        if name == FASTKD:
+            ratio, ratio_min = ("fastkd / matmuls = {:.3f}", "{:.3f}") if MATMULS in h else ("", "")
+            ratio = ratio.format(f / h[MATMULS]["fwd_bwd_ms"]) if MATMULS in h else ""
+            ratio_min = ratio_min.format(fm / h[MATMULS]["fwd_bwd_ms_min"]) if MATMULS in h else ""
+        elif name == MATMULS:
+            ratio, ratio_min = "floor", ""
+        elif name == FASTKD_NO_T2:
+            ratio, ratio_min = f"{med / f:.3f} x fastkd fused", f"{mn / fm:.3f}"
+        elif name in (LIGER, LIGER_EAGER):
+            ratio, ratio_min = f"fastkd (no T^2) speed-up {med / f0:.2f}x", f"{mn / f0m:.2f}x"
+        else:
+            ratio, ratio_min = f"fastkd speed-up {med / f:.2f}x", f"{mn / fm:.2f}x"
+        loss = "" if r["loss"] is None else f"{r['loss']:.6f}"
+        lines.append(f"| {name} | {r['fwd_ms']:.0f} | {r['bwd_ms']:.0f} | {med:.0f} | {mn:.0f} | {ratio} | "
+                     f"{ratio_min} | {r['peak_extra_mib']:.0f} | {r['peak_extra_mib'] / nv:.2f} | {loss} |")
+    lines += ["", "## Sweep over N (fp32, same H and V)", "",
+              "| N | implementation | fwd+bwd ms (median) | peak extra MiB | x N x V fp32 | peak extra minus "
+              "gradients MiB |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for n in sorted(rec["sweep"], key=int):
+        nvn = int(n) * a["vocab"] * 4 / MIB
+        grads = (int(n) + a["vocab"]) * a["h_student"] * 4 / MIB
+        for name, r in rec["sweep"][n].items():
+            lines.append(f"| {n} | {name} | {r['fwd_bwd_ms']:.0f} | {r['peak_extra_mib']:.0f} | "
+                         f"{r['peak_extra_mib'] / nvn:.2f} | {r['peak_extra_mib'] - grads:.0f} |")
+    c = rec["loss_check"]
+    lines += ["", "## Loss check", ""]
+    for k, v in c.items():
+        lines.append(f"- {k}: {v}")
+    env = rec["environment"]
+    lines += ["", "## Machine", "",
+              f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({env['torch_threads']})",
+              f"- torch {env['torch']}, fastkd {env['fastkd']} ({env.get('fastkd_git_commit')}), Python "
+              f"{env['python']}, liger-kernel {rec['liger'].get('version', 'unavailable: ' + rec['liger'].get('unavailable', ''))}",
+              f"- {env['platform']}; date {env['date']}",
+              f"- load average (1, 5, 15 min) before the run: {rec['load_before']}; after: {rec['load_after']}; "
+              f"waited {rec['load_wait_s']:.0f} s for the 1-minute load to fall below {a['load_limit']}",
+              f"- total run time {rec['run_s']:.0f} s", "",
+              "## Method", "", *[f"- {m}" for m in rec["method"]], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--h-student", type=int, default=512)
+    p.add_argument("--h-teacher", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--ignore-frac", type=float, default=0.1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sweep", default="1024,2048,4096,8192", help="N values (the headline N is reused)")
+    p.add_argument("--sweep-rounds", type=int, default=3)
+    p.add_argument("--no-liger", action="store_true")
+    p.add_argument("--no-liger-eager", action="store_true")
+    p.add_argument("--no-liger-sweep", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--load-limit", type=float, default=1.5)
+    p.add_argument("--max-wait-s", type=float, default=600)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--machine", default=None, help="results file stem (default <machine>-fused-linear)")
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(a.threads)
+    load_wait_start = time.perf_counter()
+    load_before = wait_for_load(a.load_limit, a.max_wait_s, log)
+    load_wait_s = time.perf_counter() - load_wait_start
+    liger = {"unavailable": "--no-liger"} if a.no_liger else load_liger()
+    if liger.get("module") is None:
+        log(f"Liger-Kernel unavailable: {liger['unavailable']}")
+    env = machine.environment("cpu", ["benchmarks/bench_fused_linear.py", *(argv or sys.argv[1:])])
+    env["command"] = " ".join(["python", "benchmarks/bench_fused_linear.py", *(argv or sys.argv[1:])])
+
+    log(f"headline N={a.n}")
+    x = make_inputs(a.n, a.h_student, a.h_teacher, a.vocab, a.ignore_frac, 0, floor=True)
+    cs = contenders(a.temperature, a.alpha, liger, floor=True, liger_eager=not a.no_liger_eager)
+    headline = run_case(cs, x, a.rounds, warmup=True, log=log)
+    del x, cs
+    gc.collect()
+
+    sweep: dict[str, dict] = {}
+    keep = (FASTKD, MATERIALISED) + (() if a.no_liger_sweep else (LIGER,))
+    for n in [int(s) for s in a.sweep.split(",") if s]:
+        if n == a.n:
+            sweep[str(n)] = {k: v for k, v in headline.items() if k in keep}
+            continue
+        log(f"sweep N={n}")
+        x = make_inputs(n, a.h_student, a.h_teacher, a.vocab, a.ignore_frac, 0, floor=False)
+        cs = [c for c in contenders(a.temperature, a.alpha, liger, floor=False, liger_eager=False) if c.name in keep]
+        # fastkd and the materialised path are warm from the headline; Liger compiles once per N.
+        warm = [c for c in cs if c.name == LIGER]
+        if warm:
+            run_case(warm, x, 0, warmup=True, log=log)
+        sweep[str(n)] = run_case(cs, x, a.sweep_rounds, warmup=False, log=log)
+        del x, cs
+        gc.collect()
+
+    check = {"fastkd fused loss (T^2 scaled)": headline[FASTKD]["loss"],
+             "fastkd fused loss (no T^2)": headline[FASTKD_NO_T2]["loss"],
+             "materialised loss": headline[MATERIALISED]["loss"],
+             "fused vs materialised, relative": abs(headline[FASTKD]["loss"] - headline[MATERIALISED]["loss"])
+             / abs(headline[MATERIALISED]["loss"])}
+    for name in (LIGER, LIGER_EAGER):
+        if name in headline:
+            check[f"{name} loss"] = headline[name]["loss"]
+            check[f"{name} vs fastkd (no T^2), relative"] = (
+                abs(headline[name]["loss"] - headline[FASTKD_NO_T2]["loss"]) / abs(headline[FASTKD_NO_T2]["loss"]))
+    check["terms on a 256-row slice (eager Liger, return_soft_hard_loss)"] = terms_check(
+        liger, a.temperature, a.alpha, a.h_student, a.h_teacher, a.vocab)
+
+    env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    nv = a.n * a.vocab * 4 / MIB
+    method = [
+        f"One process, torch.set_num_threads({a.threads}). Per round every implementation runs one step, in an "
+        "order rotated per round; medians over the rounds. One untimed warm-up step per implementation before the "
+        "headline rounds (Liger's torch.compile compiles there; its wall time is first_call_s in the JSON); in the "
+        "sweep only compiled Liger gets a warm-up step per N (the others are warm from the headline).",
+        "A step: .grad = None for the student hidden states and weight, forward (time.perf_counter), "
+        "loss.backward() (time.perf_counter). The fused losses compute every gradient in their forward; their "
+        "backward only scales them, so compare forward+backward.",
+        "matmuls alone: under no_grad, student logits hs @ Ws.T and teacher logits ht @ Wt.T (forward), then "
+        "G @ Ws and G.T @ hs with a random G of the logits' shape made before the run (backward); outputs "
+        "allocated per call like every other implementation's.",
+        "materialised: zs = hs @ Ws.T (autograd), zt = ht @ Wt.T under no_grad, fastkd.distill_loss(zs, zt, y).",
+        "Liger: liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0, temperature=T, weight_hard_loss=1-alpha, "
+        "weight_soft_loss=alpha, compiled=True/False, chunk_size=1024 (its default)) called as "
+        "(student_input, student_weight, teacher_input, teacher_weight, true_labels). Its loss has no T^2 factor, "
+        "so its time is compared with fastkd called with scale_by_temperature_squared=False (same work as the "
+        "default; both timed).",
+        "Peak extra memory: " + (
+            "Linux process RSS; before each step gc.collect() and glibc malloc_trim(0), then the RSS high-water "
+            "mark is reset (write 5 to /proc/self/clear_refs) and VmRSS read; after the step VmHWM minus that "
+            "VmRSS. " if _reset_hwm() else cpu_method() + ". ") +
+        "Inputs (and G) exist before the step and are not counted; the gradients the step leaves in .grad "
+        "(N x H_s and V x H_s fp32) are counted; memory an implementation keeps between steps (compiled code, "
+        "a cached buffer) is not. Page granularity; only written pages count. Median over the rounds. "
+        f"'x N x V fp32' divides by one N x V fp32 tensor ({nv:.0f} MiB at the headline N); 'peak extra minus "
+        "gradients' subtracts (N + V) x H_s x 4 bytes.",
+        "The load average is read before the run (after waiting up to --max-wait-s, polling each minute, for the "
+        f"1-minute load to fall below {a.load_limit}) and after it; the run itself keeps {a.threads} threads busy, "
+        "so the load rises during it. The machine is shared: absolute times move with its load, ratios measured "
+        "in the same rounds are what transfer.",
+    ]
+    rec = {"args": vars(a), "environment": env, "liger": {k: v for k, v in liger.items() if k != "module"},
+           "load_before": load_before, "load_after": env["load_average_end"], "load_wait_s": load_wait_s,
+           "headline": headline, "sweep": sweep, "loss_check": check, "method": method,
+           "run_s": time.perf_counter() - t_start}
+    text = report(rec)
+    print(text)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = a.machine or machine.machine_name("cpu") + "-fused-linear"
+    (out / f"{stem}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    if not a.no_plot:
+        plot(out / f"{stem}.png", sweep, 0.0)
+    log(f"wrote {out / stem}.{{json,md{'' if a.no_plot else ',png'}}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
