@@ -96,6 +96,18 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's logits gradient without the op's float16 pre-scale, times each row's grad_output (reduction
+    "none"), in the accumulation dtype. The op pre-scales float16 gradients only, so any other gradient
+    is used as it is (no pass over it) when there is no row_grad."""
+    if grad.dtype != torch.float16 and row_grad is None:
+        return grad.to(_accumulation_dtype(grad.dtype))
+    factor = 1.0 / grad_scale
+    if row_grad is not None:
+        factor = row_grad.reshape(-1, 1) * factor
+    return grad.to(_accumulation_dtype(grad.dtype)) * factor
+
+
 def _default_chunk_size(vocab: int, element_bytes: int) -> int:
     return max(1, _CHUNK_BYTES // max(1, vocab * max(element_bytes, 4)))
 
@@ -133,10 +145,7 @@ def _run_chunks(
         for side, g, z, wanted in ((student, gs, zs, want_s), (teacher, gt, zt, want_t)):
             if not wanted:
                 continue
-            factor = 1.0 / grad_scale
-            if row_grad is not None:
-                factor = row_grad[rows].reshape(-1, 1) * factor
-            side.accumulate(head, rows, g.to(_accumulation_dtype(g.dtype)) * factor, z)
+            side.accumulate(head, rows, _unscaled(g, grad_scale, None if row_grad is None else row_grad[rows]), z)
     return torch.cat(loss_rows), torch.cat(soft_rows), torch.cat(hard_rows)
 
 
