@@ -30,6 +30,7 @@ class LMDemoConfig:
     jsd_beta: float = 0.5
     top_k: int = 32
     fused_chunk_size: int = 256
+    timing_rounds: int = 5
     seed: int = 0
 
     @classmethod
@@ -37,14 +38,15 @@ class LMDemoConfig:
         if not quick:
             return cls()
         return cls(train_chars=1_500_000, heldout_chars=200_000, seq_len=64, eval_tokens=16_384,
-                   teacher_steps=120, student_steps=60)
+                   teacher_hidden=192, teacher_layers=3, teacher_steps=150, student_steps=70,
+                   teacher_lr=5e-3, student_lr=5e-3)
 
     @classmethod
     def tiny(cls) -> LMDemoConfig:
         """Seconds, not minutes: for tests (a small vocabulary, so below the demo's 8192)."""
         return cls(train_chars=150_000, heldout_chars=30_000, vocab_size=512, seq_len=32, batch_size=8,
                    eval_tokens=2048, teacher_hidden=64, teacher_layers=2, student_hidden=32, student_layers=1,
-                   heads=2, teacher_steps=40, student_steps=20, fused_chunk_size=64)
+                   heads=2, teacher_steps=40, student_steps=20, fused_chunk_size=64, timing_rounds=1)
 
     def with_overrides(self, **overrides: object) -> LMDemoConfig:
         """A copy with the given fields changed; ``None`` values are ignored (unset command-line options)."""

@@ -51,6 +51,24 @@ class _Progress:
         return on_step
 
 
+def _student_loss(name: str, teacher: torch.nn.Module, cfg: LMDemoConfig,
+                  cache: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[T.LossFn, dict[str, Any]]:
+    """The loss of student ``name`` and the settings to report with it."""
+    kd: dict[str, Any] = {"temperature": cfg.temperature, "alpha": cfg.alpha, "divergence": "forward_kl"}
+    if name == "student_scratch":
+        return T.cross_entropy_loss(), {}
+    if name == "student_distilled":
+        return T.dense_distill_loss(teacher, cfg.temperature, cfg.alpha, "forward_kl"), kd
+    if name == "student_jsd":
+        return (T.dense_distill_loss(teacher, cfg.temperature, cfg.alpha, "jsd", cfg.jsd_beta),
+                {**kd, "divergence": "jsd", "beta": cfg.jsd_beta})
+    if name == "student_topk":
+        assert cache is not None
+        return T.topk_distill_loss(cache, cfg.temperature, cfg.alpha), {**kd, "top_k": cfg.top_k, "tail": "bucket"}
+    return (T.fused_distill_loss(teacher, cfg.temperature, cfg.alpha, cfg.fused_chunk_size),
+            {**kd, "chunk_size": cfg.fused_chunk_size})
+
+
 def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
                 config: LMDemoConfig | None = None, progress: bool = True, threads: int | None = None,
                 students: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -110,32 +128,33 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     record("teacher", teacher, stats, "teacher, cross-entropy")
 
     student_batches = batches(cfg.student_steps, cfg.seed + 2)
-    kd = {"temperature": cfg.temperature, "alpha": cfg.alpha}
+    cache = None
+    if "student_topk" in names:
+        # Offline distillation: the teacher runs once over the students' batches, ahead of training.
+        t0 = time.perf_counter()
+        cache = T.topk_cache(teacher, student_batches, cfg.top_k)
+        timings["topk_cache_s"] = time.perf_counter() - t0
+
+    def new_student() -> torch.nn.Module:
+        return build_llama(vocab, cfg.student_hidden, cfg.student_layers, cfg.heads, cfg.seq_len, cfg.seed + 3)
+
     for name in names:
-        extra: dict[str, Any] = {}
-        if name == "student_scratch":
-            loss_fn = T.cross_entropy_loss()
-        elif name == "student_distilled":
-            loss_fn = T.dense_distill_loss(teacher, cfg.temperature, cfg.alpha, "forward_kl")
-            extra = {**kd, "divergence": "forward_kl"}
-        elif name == "student_jsd":
-            loss_fn = T.dense_distill_loss(teacher, cfg.temperature, cfg.alpha, "jsd", cfg.jsd_beta)
-            extra = {**kd, "divergence": "jsd", "beta": cfg.jsd_beta}
-        elif name == "student_topk":
-            t0 = time.perf_counter()
-            cache = T.topk_cache(teacher, student_batches, cfg.top_k)
-            extra = {**kd, "divergence": "forward_kl", "top_k": cfg.top_k, "tail": "bucket",
-                     "cache_s": time.perf_counter() - t0,
-                     "cache_mib": sum(t.numel() * t.element_size() for t in cache) / 2**20}
-            loss_fn = T.topk_distill_loss(cache, cfg.temperature, cfg.alpha)
-        else:
-            loss_fn = T.fused_distill_loss(teacher, cfg.temperature, cfg.alpha, cfg.fused_chunk_size)
-            extra = {**kd, "divergence": "forward_kl", "chunk_size": cfg.fused_chunk_size}
-        student = build_llama(vocab, cfg.student_hidden, cfg.student_layers, cfg.heads, cfg.seq_len,
-                              cfg.seed + 3)
+        loss_fn, extra = _student_loss(name, teacher, cfg, cache)
+        if name == "student_topk" and cache is not None:
+            extra.update(cache_s=timings["topk_cache_s"],
+                         cache_mib=sum(t.numel() * t.element_size() for t in cache) / 2**20)
+        student = new_student()
         stats = T.train(student, student_batches, loss_fn, cfg.student_lr, say.stepper(name, cfg.student_steps))
         record(name, student, stats, T.STUDENTS[name], **extra)
         del student, loss_fn
+
+    if cfg.timing_rounds:
+        say.phase(f"timing the students' steps round-robin ({cfg.timing_rounds} rounds)")
+        runs = {name: (new_student(), _student_loss(name, teacher, cfg, cache)[0]) for name in names}
+        for name, ms in T.interleaved_step_ms(runs, student_batches, cfg.timing_rounds, cfg.student_lr).items():
+            models[name]["train_step_ms"] = models[name]["step_ms"]
+            models[name]["step_ms"] = ms
+        del runs
 
     if "student_scratch" in models:
         models["student_hard_labels"] = dict(models["student_scratch"])
@@ -152,8 +171,11 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
         "tokenizer": {"kind": "byte-level BPE (Hugging Face tokenizers), trained on the train split",
                       "vocab_size": vocab},
         "memory_method": MEMORY_METHOD,
-        "step_time_method": "median wall time of a training step (forward, loss, backward, optimizer) after "
-                            "2 warm-up steps; dense and fused students include the frozen teacher's forward",
+        "step_time_method": "median wall time of a training step (forward, loss, backward, clipping, AdamW); "
+                            "students: timed round-robin on fresh copies after training (step_ms; "
+                            "train_step_ms is the median during the student's own run), so load from other "
+                            "processes falls on all alike; dense and fused students include the frozen "
+                            "teacher's forward, the offline one does not",
         "threads": torch.get_num_threads(), "device": f"cpu ({os.cpu_count()} cores visible)",
         "torch": torch.__version__, "fastkd": fastkd.__version__,
         "timings": timings,

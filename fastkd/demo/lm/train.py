@@ -88,6 +88,29 @@ def train(model: torch.nn.Module, batches: torch.Tensor, loss_fn: LossFn, lr: fl
     return stats
 
 
+def interleaved_step_ms(runs: dict[str, tuple[torch.nn.Module, LossFn]], batches: torch.Tensor, rounds: int,
+                        lr: float) -> dict[str, float]:
+    """Median step time (ms) of each (fresh model, loss) pair, timed round-robin: one step of each per
+    round, so load from other processes on a shared machine hits every variant alike instead of whichever
+    happened to train during a busy minute. One untimed warm-up step each first (optimizer state, lazy
+    initialization)."""
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+            for k, (m, _) in runs.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds + 1):
+        for key, (model, loss_fn) in runs.items():
+            ids = batches[r % len(batches)]
+            t0 = time.perf_counter()
+            loss = loss_fn(model, r % len(batches), ids)
+            opts[key].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[key].step()
+            if r:
+                times[key].append(time.perf_counter() - t0)
+    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Held-out per-token cross-entropy (nats) and perplexity, summed over all windows before dividing."""
