@@ -11,7 +11,7 @@ class LMDemoConfig:
     heldout_chars: int = 400_000
     vocab_size: int = 8192
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 4  # at this scale more, smaller updates learn faster per token
     eval_tokens: int = 65_536
     # models
     teacher_hidden: int = 256
@@ -20,9 +20,9 @@ class LMDemoConfig:
     student_layers: int = 2
     heads: int = 4
     # training
-    teacher_steps: int = 600
-    student_steps: int = 300
-    teacher_lr: float = 2e-3
+    teacher_steps: int = 1200
+    student_steps: int = 500
+    teacher_lr: float = 3e-3
     student_lr: float = 3e-3
     # distillation
     temperature: float = 1.0
@@ -37,9 +37,9 @@ class LMDemoConfig:
     def preset(cls, quick: bool = False) -> LMDemoConfig:
         if not quick:
             return cls()
-        return cls(train_chars=1_500_000, heldout_chars=200_000, seq_len=64, eval_tokens=16_384,
-                   teacher_hidden=192, teacher_layers=3, teacher_steps=150, student_steps=70,
-                   teacher_lr=5e-3, student_lr=5e-3)
+        return cls(train_chars=1_500_000, heldout_chars=200_000, seq_len=64, batch_size=4, eval_tokens=16_384,
+                   teacher_hidden=192, teacher_layers=3, teacher_steps=400, student_steps=150,
+                   teacher_lr=3e-3, student_lr=3e-3)
 
     @classmethod
     def tiny(cls) -> LMDemoConfig:
