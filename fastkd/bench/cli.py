@@ -57,7 +57,9 @@ def method_notes(opts: Options, peak_source: str) -> list[str]:
         "GB/s = (read student + read teacher + write student gradient, in the logits' dtype) / median "
         f"forward+backward time; % peak against {peak_source}",
         "check: loss and student gradient against reference eager on the same inputs (relative error; "
-        "gradient: max |difference| / max |eager gradient|)",
+        "gradient: max |difference| / max |eager gradient|; tolerances: loss 1e-4, gradient 1e-4 fp32, "
+        "2e-3 fp16, 1.6e-2 bf16, and at least 1e-3 for tvd, whose gradient jumps where p_i = q_i, so "
+        "implementations that round p_i - q_i differently disagree at near-ties)",
     ]
     if opts.liger:
         notes.append("Liger-Kernel as a user writes it: alpha * T^2 * LigerKLDIVLoss(batchmean, log_target)"
