@@ -92,10 +92,33 @@ __device__ Online block_online(Online v, double k, Online* scratch) {
   return total;
 }
 
+// One element's p, q and divergence terms; ElementTerms plus the probabilities the gradient needs.
+template <class acc_t>
+struct RowElement : ElementTerms<acc_t> {
+  acc_t p, q;
+};
+
+// What passes 2 and 3 need of pass 1: p = exp((t - max_t) / T - log sum_t), q likewise, and
+// d = log p - log q = (t - s) / T - delta.
+template <class acc_t>
+struct RowFrame {
+  double max_t, max_s, log_sum_t, log_sum_b, inv_t, delta;
+  acc_t beta, one_minus_beta;
+
+  template <Divergence kKind>
+  __device__ RowElement<acc_t> element(double s, double t) const {
+    RowElement<acc_t> e;
+    e.p = acc_t(::exp((t - max_t) * inv_t - log_sum_t));
+    e.q = acc_t(::exp((s - max_s) * inv_t - log_sum_b));
+    const acc_t d = acc_t((t - s) * inv_t - delta);
+    static_cast<ElementTerms<acc_t>&>(e) = divergence_terms<kKind, RowMath<acc_t>>(e.p, e.q, d, beta, one_minus_beta);
+    return e;
+  }
+};
+
 template <class X, Divergence kKind>
 __global__ void __launch_bounds__(kThreads) rows_kernel(RowsKernelArgs a) {
   using acc_t = acc_of<X>;
-  using M = RowMath<acc_t>;
   __shared__ double scratch[kWarps];
   __shared__ Online online_scratch[kWarps];
   const int64_t V = a.vocab;
@@ -145,14 +168,10 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowsKernelArgs a) {
     const double delta = (st.m - sb.m) * inv_t + (log_st - log_sb);  // lse(t/T) - lse(s/T)
 
     // Pass 2: the divergence's sums.
-    const acc_t beta = acc_t(a.beta), obeta = acc_t(a.one_minus_beta);
+    const RowFrame<acc_t> frame{st.m, sb.m, log_st, log_sb, inv_t, delta, acc_t(a.beta), acc_t(a.one_minus_beta)};
     double f = 0, qg = 0, ph = 0;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-      const double sv = double(to_acc(s[j])), tv = double(to_acc(t[j]));
-      const acc_t p = acc_t(::exp((tv - st.m) * inv_t - log_st));
-      const acc_t q = acc_t(::exp((sv - sb.m) * inv_t - log_sb));
-      const acc_t d = acc_t((tv - sv) * inv_t - delta);
-      const ElementTerms<acc_t> e = divergence_terms<kKind, M>(p, q, d, beta, obeta);
+      const RowElement<acc_t> e = frame.template element<kKind>(double(to_acc(s[j])), double(to_acc(t[j])));
       f += double(e.f);
       qg += double(e.qg);
       ph += double(e.ph);
@@ -176,11 +195,9 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowsKernelArgs a) {
     const double cs = soft_row ? w_soft * prescale * inv_t : 0.0;
     const double ch = hard_row ? w_hard * prescale : 0.0;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-      const double sv = double(to_acc(s[j])), tv = double(to_acc(t[j]));
-      const acc_t p = acc_t(::exp((tv - st.m) * inv_t - log_st));
-      const acc_t q = acc_t(::exp((sv - sb.m) * inv_t - log_sb));
-      const acc_t d = acc_t((tv - sv) * inv_t - delta);
-      const ElementTerms<acc_t> e = divergence_terms<kKind, M>(p, q, d, beta, obeta);
+      const double sv = double(to_acc(s[j]));
+      const RowElement<acc_t> e = frame.template element<kKind>(sv, double(to_acc(t[j])));
+      const acc_t p = e.p, q = e.q;
       if (gs) {
         double g = cs == 0.0 ? 0.0 : cs * (double(e.qg) - double(q) * qg_sum);
         if (ch != 0.0) {
