@@ -14,7 +14,8 @@
 #              racecheck (shared memory) and synccheck (barriers) on its small cases, which include
 #              the thread-block cluster path with the KL refinement
 #   bench      benchmarks/bench_loss.py on the headline case (N=8192, V=128256, bf16, T=2,
-#              alpha=0.5) against torch.compile and Liger, then fp32 / V=32000 / N=32768 vs eager
+#              alpha=0.5) against torch.compile and Liger, then fp32 / V=32000 / N=32768 vs eager,
+#              then every divergence at the headline shape (the generic rows kernel) vs eager
 # Logs and results go to $OUT: gpu_check.log (this output), build.log, tests.log, sanitizer.log,
 # h200.json / .md / .png and h200-extra.md. The whole run stays under 8 minutes (GPU_CHECK_BUDGET
 # seconds, default 465).
@@ -125,6 +126,9 @@ if ((HAS_GPU)); then
     --machine h200 --shapes 8192x128256 --dtypes bf16 --no-sweep --repeats 10
   stage bench-extra 50 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
     --machine h200-extra --shapes 8192x128256,4096x32000,32768x128256 --dtypes bf16,fp32 --no-sweep \
+    --no-compile --no-liger --repeats 5
+  stage bench-divergences 45 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
+    --machine h200-divergences --shapes 8192x128256 --dtypes bf16 --divergences all --no-sweep \
     --no-compile --no-liger --repeats 5
   rm -f "$OUT/h200-extra.json" "$OUT/h200-extra.png"  # its table is enough
   # bench.log holds the printed tables, which the .md files repeat: fold it into gpu_check.log
