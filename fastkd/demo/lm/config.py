@@ -38,7 +38,7 @@ class LMDemoConfig:
         if not quick:
             return cls()
         return cls(train_chars=1_500_000, heldout_chars=200_000, seq_len=64, batch_size=4, eval_tokens=16_384,
-                   teacher_hidden=192, teacher_layers=3, teacher_steps=400, student_steps=150,
+                   teacher_hidden=192, teacher_layers=3, teacher_steps=340, student_steps=130,
                    teacher_lr=3e-3, student_lr=3e-3)
 
     @classmethod

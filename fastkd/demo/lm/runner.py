@@ -109,7 +109,7 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     models: dict[str, dict[str, Any]] = {}
 
     def record(key: str, model: torch.nn.Module, stats: T.RunStats, description: str, **extra: Any) -> None:
-        evaluation = T.perplexity(model, heldout, 32)  # no gradients: bigger batches are faster
+        evaluation = T.perplexity(model, heldout, cfg.batch_size)
         models[key] = {
             "description": description, "params": count_params(model),
             "perplexity": evaluation["perplexity"], "heldout_cross_entropy": evaluation["cross_entropy"],

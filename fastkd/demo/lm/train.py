@@ -151,15 +151,16 @@ def dense_distill_loss(teacher: torch.nn.Module, temperature: float, alpha: floa
 
 @torch.no_grad()
 def topk_cache(teacher: torch.nn.Module, batches: torch.Tensor, k: int,
-               chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k T = 1 log-probabilities at every position the students train on, computed once:
     indices ``(steps, B, L - 1, k)`` int32 and values float32 (what an offline distillation dataset stores
     instead of ``V`` logits per token)."""
     teacher.eval()
     steps, b, seq = batches.shape
     flat = batches.reshape(steps * b, seq)
+    chunk = chunk or b  # bigger chunks were not faster with one thread (larger logits to soft-max)
     idx, val = [], []
-    for i in range(0, len(flat), chunk):  # bigger forward passes than the training batches: faster
+    for i in range(0, len(flat), chunk):
         logp = torch.log_softmax(teacher(input_ids=flat[i:i + chunk]).logits[:, :-1].float(), dim=-1)
         v, j = logp.topk(k, dim=-1)
         idx.append(j.to(torch.int32))
