@@ -93,7 +93,7 @@ def test_every_divergence_runs_against_its_reference_and_the_exp_floor(tmp_path)
     for div in DIVERGENCE_NAMES:
         assert f"| 32x500 | fp32 | {div} |" in summary
     assert "| 32x500 | fp32 | forward_kl | " in summary and "| 1.00 |" in summary
-    assert "2x torch.exp" in md and "not a loss" in md
+    assert "2x torch.exp" in md and "not a loss" in md and "| same, minima |" in summary
     # Without forward_kl the plot shows the first divergence run.
     doc["cases"] = [c for c in doc["cases"] if c["divergence"] == "jsd"]
     assert write_plot(tmp_path / "jsd.png", doc) and (tmp_path / "jsd.png").stat().st_size > 0
