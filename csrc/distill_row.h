@@ -70,7 +70,7 @@ FASTKD_HD acc_t rescale_factor(acc_t old_max, acc_t new_max, acc_t scale) {
   return std::exp((old_max - new_max) * scale);
 }
 
-// Everything one row needs, in the single-pass form of SPEC.
+// Everything one row needs, in the single-pass form of docs/spec.md.
 template <class acc_t>
 struct RowStats {
   acc_t max_t = neg_inf<acc_t>();  // max_j t_j (raw)

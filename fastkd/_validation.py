@@ -1,4 +1,4 @@
-"""Argument checks shared by the fused loss and the reference: every bad input of SPEC raises a clear
+"""Argument checks shared by the fused loss and the reference: every bad input of docs/spec.md raises a clear
 error that names the argument, before any kernel runs.
 
 Scalars are checked with plain comparisons (``0 < T < inf`` rather than ``math.isfinite``) so that the
@@ -195,7 +195,7 @@ def check_distill_args(
     num_items_in_batch: int | torch.Tensor | None = None,
     sparse_index_values: bool = True,
 ) -> float:
-    """Raise TypeError / ValueError for anything SPEC calls a bad input.
+    """Raise TypeError / ValueError for anything docs/spec.md calls a bad input.
 
     ``sparse_index_values=False`` leaves a SparseTeacher's index values (range, duplicates) to the
     op that checks them itself. Returns the resolved beta: ``beta`` itself, the divergence's default

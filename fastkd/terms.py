@@ -1,4 +1,4 @@
-"""The result type of ``return_terms=True`` and the row reductions SPEC defines."""
+"""The result type of ``return_terms=True`` and the row reductions docs/spec.md defines."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -30,7 +30,7 @@ def reduce_rows(
     lead_shape: torch.Size,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce per-row values (rows outside ``mask`` already 0) as SPEC says.
+    """Reduce per-row values (rows outside ``mask`` already 0) as docs/spec.md says.
 
     ``mask`` holds the rows the term is defined on: ``"mean"`` divides by their count (at least 1, so
     that no rows give 0, not NaN), or by ``num_items_in_batch`` when given.

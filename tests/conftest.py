@@ -70,7 +70,7 @@ def loss_atol(s: torch.Tensor, t: torch.Tensor, temperature: float, alpha: float
 
 
 def assert_loss_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 1e-5):
-    """SPEC: fp32 loss within 1e-5 relative of float64, above the absolute floor of loss_atol()."""
+    """docs/spec.md: fp32 loss within 1e-5 relative of float64, above the absolute floor of loss_atol()."""
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True)
 
 

@@ -579,7 +579,7 @@ def test_vocab_slice_is_not_copied(divergence):
     assert _copies_of_logits(lambda: fastkd.distill_loss(s_cm, t.reshape(12, vocab), y.reshape(12), **kw), 12 * vocab)
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC: a transposed view is read in place, never copied; the CPU op "
+@pytest.mark.xfail(strict=True, reason="docs/spec.md: a transposed view is read in place, never copied; the CPU op "
                                        "copies logits whose vocabulary stride is not 1 (kernel_view)")
 def test_transposed_view_is_not_copied():
     vocab = 300

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC: a clear error naming the argument, raised before any kernel runs."""
+"""Every bad input of docs/spec.md: a clear error naming the argument, raised before any kernel runs."""
 from __future__ import annotations
 
 import pytest

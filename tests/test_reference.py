@@ -1,6 +1,6 @@
-"""fastkd.reference against SPEC written out independently: per-row sums over p and q in plain Python
-floats, the reductions as SPEC states them, identities between the divergences, autograd gradients
-(finite differences and SPEC's closed forms), -inf teacher logits, soft_mask and num_items_in_batch."""
+"""fastkd.reference against docs/spec.md written out independently: per-row sums over p and q in plain Python
+floats, the reductions as docs/spec.md states them, identities between the divergences, autograd gradients
+(finite differences and docs/spec.md's closed forms), -inf teacher logits, soft_mask and num_items_in_batch."""
 from __future__ import annotations
 
 import math
@@ -19,7 +19,7 @@ BETA_DIVERGENCES = [name for name, info in DIVERGENCES.items() if info.default_b
 INF = math.inf
 
 
-# ---- The independent oracle: SPEC's formulas on lists of Python floats ---------------------------
+# ---- The independent oracle: docs/spec.md's formulas on lists of Python floats ---------------------------
 
 def py_log_softmax(x: list[float], temperature: float) -> list[float]:
     top = max(x)
@@ -87,7 +87,7 @@ def expected_terms(
     soft_mask: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, soft, hard) as SPEC defines them, in float64."""
+    """(loss, soft, hard) as docs/spec.md defines them, in float64."""
     if beta is None:
         beta = DIVERGENCES[divergence].default_beta or 0.0
     vocab, lead = s.shape[-1], s.shape[:-1]

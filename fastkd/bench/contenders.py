@@ -24,7 +24,7 @@ EXP_FLOOR = "exp_floor"
 
 @dataclass
 class Contender:
-    """One implementation under test. ``exact``: computes SPEC's loss (checked against eager).
+    """One implementation under test. ``exact``: computes docs/spec.md's loss (checked against eager).
     ``mutates_student``: overwrites the student logits (Liger's cross-entropy stores its gradient in
     them), so it runs on a private copy, refreshed before each step outside the timed region."""
 

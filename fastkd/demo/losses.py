@@ -15,7 +15,7 @@ class TransferSetLoss(nn.Module):
     ``(1 - alpha) * cross-entropy`` averaged over the labelled rows only.
 
     ``fastkd.DistillLoss`` alone cannot express this: its ``ignore_index`` masks a row's soft term too
-    (SPEC: right for padding tokens), while an unlabelled transfer-set row must keep its soft term.
+    (docs/spec.md: right for padding tokens), while an unlabelled transfer-set row must keep its soft term.
     """
 
     def __init__(self, temperature: float, alpha: float) -> None:
