@@ -10,7 +10,7 @@ from fastkd._validation import DIVERGENCE_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Issue 2: the CPU grid. Issue 4 adds the LLM headline shape on CUDA and a sweep over N.
+# The CPU grid; CUDA adds the LLM headline shape and a sweep over N.
 CPU_SHAPES = ((4096, 32000), (1024, 128256), (16384, 1000))
 CUDA_EXTRA_SHAPES = ((8192, 128256),)
 SWEEP_N = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--shapes", type=parse_shapes, default=None,
-                   help="comma-separated NxV list (default: the issue's grid for the device)")
+                   help="comma-separated NxV list (default: the recorded grid for the device)")
     p.add_argument("--dtypes", type=parse_dtypes, default=None, help="comma-separated, default fp32,bf16")
     p.add_argument("--divergences", type=parse_divergences, default=None,
                    help="comma-separated, each case runs once per divergence with its default beta: "
