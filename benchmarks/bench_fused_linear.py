@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,11 +110,10 @@ def contenders(temperature: float, alpha: float, liger: dict, floor: bool, liger
     return out
 
 
-def step(c: Contender, x: Inputs) -> dict:
-    """One training-style step: grads None, forward, backward; perf_counter around each phase, and the
+def measured_step(c: Contender, x, clear_grads: Callable[[], None]) -> dict:
+    """One training-style step: clear_grads(), forward, backward; perf_counter around each phase, and the
     peak resident set size during the step over the resident set size just before it."""
-    x.hs.grad = None
-    x.ws.grad = None
+    clear_grads()
     gc.collect()
     _trim_heap()
     sampler = None
@@ -136,28 +136,31 @@ def step(c: Contender, x: Inputs) -> dict:
         peak = sampler.peak
     loss = float(out.detach()) if isinstance(out, torch.Tensor) else None
     del out
-    x.hs.grad = None
-    x.ws.grad = None
+    clear_grads()
     return {"fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3, "fwd_bwd_ms": (t2 - t0) * 1e3,
             "peak_extra_bytes": max(peak - pre, 0), "loss": loss}
 
 
-def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: bool, log) -> dict:
+def step(c: Contender, x: Inputs) -> dict:
+    def clear() -> None:
+        x.hs.grad = None
+        x.ws.grad = None
+
+    return measured_step(c, x, clear)
+
+
+def timed_rounds(cs: list[Contender], x, rounds: int, step_fn: Callable[[Contender, object], dict], log) -> dict:
+    """``rounds`` rounds, each running every contender once in an order rotated per round (so load from
+    elsewhere falls on all alike); per contender its samples and their medians, minimum and loss."""
     res = {c.name: {"samples": []} for c in cs}
-    if warmup:
-        for c in cs:
-            t0 = time.perf_counter()
-            step(c, x)
-            res[c.name]["first_call_s"] = round(time.perf_counter() - t0, 3)
-            log(f"  warm-up {c.name}: {res[c.name]['first_call_s']} s")
     for r in range(rounds):
         order = cs[r % len(cs):] + cs[: r % len(cs)]
         load = os.getloadavg()[0]
         for c in order:
-            s = step(c, x)
+            s = step_fn(c, x)
             s["round"], s["load_1min_at_round_start"] = r, round(load, 2)
             res[c.name]["samples"].append(s)
-            log(f"  round {r} {c.name}: {s['fwd_bwd_ms']:.0f} ms, {s['peak_extra_bytes'] / MIB:.0f} MiB")
+            log(f"  round {r} {c.name}: {s['fwd_bwd_ms']:.1f} ms, {s['peak_extra_bytes'] / MIB:.0f} MiB")
     for r in res.values():
         sm = r["samples"]
         if not sm:
@@ -167,6 +170,20 @@ def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: bool, log) -> 
         r["fwd_bwd_ms_min"] = min(s["fwd_bwd_ms"] for s in sm)
         r["peak_extra_mib"] = statistics.median(s["peak_extra_bytes"] for s in sm) / MIB
         r["loss"] = sm[0]["loss"]
+    return res
+
+
+def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: bool, log) -> dict:
+    first_call = {}
+    if warmup:
+        for c in cs:
+            t0 = time.perf_counter()
+            step(c, x)
+            first_call[c.name] = round(time.perf_counter() - t0, 3)
+            log(f"  warm-up {c.name}: {first_call[c.name]} s")
+    res = timed_rounds(cs, x, rounds, step, log)
+    for name, seconds in first_call.items():
+        res[name]["first_call_s"] = seconds
     return res
 
 

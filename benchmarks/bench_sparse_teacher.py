@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -32,10 +31,10 @@ import torch
 
 import fastkd
 from fastkd.bench import machine
-from fastkd.bench.memory import _reset_hwm, _rss_bytes, _Sampler, _status_kib, _trim_heap, cpu_method
+from fastkd.bench.memory import _reset_hwm, _rss_bytes, _trim_heap, cpu_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fused_linear import MIB, Contender, wait_for_load  # noqa: E402
+from bench_fused_linear import MIB, Contender, measured_step, timed_rounds, wait_for_load  # noqa: E402
 
 SPARSE = "fastkd sparse (logits, renormalize)"
 SPARSE_BUCKET = "fastkd sparse (logprobs, bucket)"
@@ -87,40 +86,15 @@ def contenders(temperature: float, alpha: float) -> list[Contender]:
 
 
 def step(c: Contender, x: Inputs) -> dict:
-    """One training-style step: grad None, forward, backward; perf_counter around each phase, and the peak
-    resident set size during the step over the resident set size just before it."""
-    x.s.grad = None
-    gc.collect()
-    _trim_heap()
-    sampler = None
-    if _reset_hwm():
-        pre = _status_kib("VmRSS") * 1024
-    else:
-        sampler = _Sampler()
-        pre = sampler.peak
-        sampler.start()
-    t0 = time.perf_counter()
-    out = c.forward(x)
-    t1 = time.perf_counter()
-    c.backward(out, x)
-    t2 = time.perf_counter()
-    if sampler is None:
-        peak = _status_kib("VmHWM") * 1024
-    else:
-        sampler.stop.set()
-        sampler.join()
-        peak = sampler.peak
-    loss = float(out.detach())
-    del out
-    x.s.grad = None
-    return {"fwd_ms": (t1 - t0) * 1e3, "bwd_ms": (t2 - t1) * 1e3, "fwd_bwd_ms": (t2 - t0) * 1e3,
-            "peak_extra_bytes": max(peak - pre, 0), "loss": loss}
+    def clear() -> None:
+        x.s.grad = None
+
+    return measured_step(c, x, clear)
 
 
 def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: int, log) -> dict:
     """Steps of every contender; also the resident set size the process holds, beyond the inputs, after
     the warm-up (a buffer kept between steps: fastkd keeps its last freed gradient block mapped)."""
-    res = {c.name: {"samples": []} for c in cs}
     gc.collect()
     _trim_heap()
     base = _rss_bytes()
@@ -130,22 +104,7 @@ def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: int, log) -> d
     gc.collect()
     _trim_heap()
     held = max(_rss_bytes() - base, 0) / MIB
-    for r in range(rounds):
-        order = cs[r % len(cs):] + cs[: r % len(cs)]
-        load = os.getloadavg()[0]
-        for c in order:
-            s = step(c, x)
-            s["round"], s["load_1min_at_round_start"] = r, round(load, 2)
-            res[c.name]["samples"].append(s)
-            log(f"  round {r} {c.name}: {s['fwd_bwd_ms']:.1f} ms, {s['peak_extra_bytes'] / MIB:.0f} MiB")
-    for r in res.values():
-        sm = r["samples"]
-        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms"):
-            r[key] = statistics.median(s[key] for s in sm)
-        r["fwd_bwd_ms_min"] = min(s["fwd_bwd_ms"] for s in sm)
-        r["peak_extra_mib"] = statistics.median(s["peak_extra_bytes"] for s in sm) / MIB
-        r["loss"] = sm[0]["loss"]
-    return res, held
+    return timed_rounds(cs, x, rounds, step, log), held
 
 
 def ratios(h: dict) -> dict:
