@@ -54,6 +54,66 @@ inline DivergenceParams parse_divergence(c10::string_view name, double beta) {
   return d;
 }
 
+// Per-row inputs beside the student's (rows, vocab) logits: target (integer, (rows,)) and soft_mask
+// (bool, (rows,)), on the student's device.
+inline void check_row_inputs(const char* op, const at::Tensor& student, const std::optional<at::Tensor>& target,
+                             const std::optional<at::Tensor>& soft_mask) {
+  const int64_t rows = student.size(0);
+  if (target.has_value()) {
+    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == rows, op, ": target must have shape (", rows,
+                      "), got ", target->sizes());
+    TORCH_CHECK_TYPE(!at::isFloatingType(target->scalar_type()) && !at::isComplexType(target->scalar_type()) &&
+                         target->scalar_type() != at::kBool,
+                     op, ": target must be an integer tensor, got ", target->scalar_type());
+    TORCH_CHECK(target->device() == student.device(), op, ": target is on ", target->device(),
+                " but student_logits is on ", student.device());
+  }
+  if (soft_mask.has_value()) {
+    TORCH_CHECK_VALUE(soft_mask->dim() == 1 && soft_mask->size(0) == rows, op, ": soft_mask must have shape (",
+                      rows, "), got ", soft_mask->sizes());
+    TORCH_CHECK_TYPE(soft_mask->scalar_type() == at::kBool, op, ": soft_mask must be bool, got ",
+                     soft_mask->scalar_type());
+    TORCH_CHECK(soft_mask->device() == student.device(), op, ": soft_mask is on ", soft_mask->device(),
+                " but student_logits is on ", student.device());
+  }
+}
+
+// Checks shared by the ops that read (rows, vocab) logit pairs; `op` names the op in the messages.
+inline void check_logit_rows(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                             const std::optional<at::Tensor>& target, double temperature, double label_smoothing) {
+  TORCH_CHECK_VALUE(student.dim() == 2, op, ": student_logits must be 2-D (rows, vocab), got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), op, ": teacher_logits shape ", teacher.sizes(),
+                    " differs from student_logits shape ", student.sizes());
+  TORCH_CHECK(teacher.device() == student.device(), op, ": teacher_logits is on ", teacher.device(),
+              " but student_logits is on ", student.device());
+  TORCH_CHECK_VALUE(student.size(1) > 0, op, ": the vocabulary (last dim) is empty");
+  for (const at::Tensor* x : {&student, &teacher}) {
+    const auto dt = x->scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+                     ": logits must be float32, bfloat16, float16 or float64, got ", dt);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, op,
+                    ": label_smoothing must be in [0, 1), got ", label_smoothing);
+  check_row_inputs(op, student, target, std::nullopt);
+}
+
+// The LossParams every op derives the same way (the weights are the op's own).
+inline LossParams base_loss_params(double temperature, double label_smoothing, int64_t vocab, bool has_target,
+                                   bool float64) {
+  LossParams p;
+  p.inv_temperature = 1.0 / temperature;
+  p.label_smoothing = label_smoothing;
+  p.vocab = vocab;
+  p.has_soft = true;
+  p.has_hard = has_target;
+  // T when it is 1, 2 or 4: the cross-entropy's exp stream is a power of the T stream.
+  p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;
+  p.element_epsilon = float64 ? 1.2e-16 : 6e-8;
+  return p;
+}
+
 // Everything a backend needs to launch, derived once from the op's arguments.
 struct PreparedCall {
   LossParams params;
@@ -72,33 +132,9 @@ inline PreparedCall prepare_call(const at::Tensor& student, const at::Tensor& te
                                  int64_t ignore_index, double label_smoothing, bool scale_by_temperature_squared,
                                  c10::string_view reduction, int64_t batch_size, bool student_grad,
                                  bool teacher_grad) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::distill_forward: student_logits must be 2-D (rows, vocab), got ",
-                    student.sizes());
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fastkd::distill_forward: teacher_logits shape ",
-                    teacher.sizes(), " differs from student_logits shape ", student.sizes());
-  TORCH_CHECK(teacher.device() == student.device(), "fastkd::distill_forward: teacher_logits is on ",
-              teacher.device(), " but student_logits is on ", student.device());
-  TORCH_CHECK_VALUE(student.size(1) > 0, "fastkd::distill_forward: the vocabulary (last dim) is empty");
-  for (const at::Tensor* x : {&student, &teacher}) {
-    const auto dt = x->scalar_type();
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                     "fastkd::distill_forward: logits must be float32, bfloat16, float16 or float64, got ", dt);
-  }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    "fastkd::distill_forward: temperature must be finite and > 0, got ", temperature);
+  check_logit_rows("fastkd::distill_forward", student, teacher, target, temperature, label_smoothing);
   TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "fastkd::distill_forward: alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1,
-                    "fastkd::distill_forward: label_smoothing must be in [0, 1), got ", label_smoothing);
-  if (target.has_value()) {
-    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == student.size(0),
-                      "fastkd::distill_forward: target must have shape (", student.size(0), "), got ",
-                      target->sizes());
-    TORCH_CHECK_TYPE(!at::isFloatingType(target->scalar_type()) && !at::isComplexType(target->scalar_type()) &&
-                         target->scalar_type() != at::kBool,
-                     "fastkd::distill_forward: target must be an integer tensor, got ", target->scalar_type());
-    TORCH_CHECK(target->device() == student.device(), "fastkd::distill_forward: target is on ", target->device(),
-                " but student_logits is on ", student.device());
-  } else {
+  if (!target.has_value()) {
     TORCH_CHECK_VALUE(alpha == 1.0, "fastkd::distill_forward: target is required when alpha < 1 (got alpha=",
                       alpha, ")");
   }
@@ -113,18 +149,11 @@ inline PreparedCall prepare_call(const at::Tensor& student, const at::Tensor& te
   call.teacher_grad = teacher_grad;
   call.float64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
 
-  LossParams& p = call.params;
-  p.inv_temperature = 1.0 / temperature;
-  p.hard_weight = 1.0 - alpha;
-  p.soft_weight = alpha * (scale_by_temperature_squared ? temperature * temperature : 1.0);
-  p.label_smoothing = label_smoothing;
-  p.vocab = call.vocab;
   // Both terms are computed whenever they are defined, even at weight 0, so return_terms reports
   // them truthfully; alpha only weighs them. The hard term needs a target.
-  p.has_soft = true;
-  p.has_hard = target.has_value();
-  p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;
-  p.element_epsilon = call.float64 ? 1.2e-16 : 6e-8;
+  call.params = base_loss_params(temperature, label_smoothing, call.vocab, target.has_value(), call.float64);
+  call.params.hard_weight = 1.0 - alpha;
+  call.params.soft_weight = alpha * (scale_by_temperature_squared ? temperature * temperature : 1.0);
   return call;
 }
 
@@ -147,57 +176,18 @@ inline RowsCall prepare_rows_call(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& soft_mask,
                                   const at::Tensor& weights, double temperature, int64_t ignore_index,
                                   double label_smoothing, c10::string_view divergence, double beta) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::distill_rows: student_logits must be 2-D (rows, vocab), got ",
-                    student.sizes());
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fastkd::distill_rows: teacher_logits shape ",
-                    teacher.sizes(), " differs from student_logits shape ", student.sizes());
-  TORCH_CHECK(teacher.device() == student.device(), "fastkd::distill_rows: teacher_logits is on ", teacher.device(),
-              " but student_logits is on ", student.device());
-  TORCH_CHECK_VALUE(student.size(1) > 0, "fastkd::distill_rows: the vocabulary (last dim) is empty");
-  for (const at::Tensor* x : {&student, &teacher}) {
-    const auto dt = x->scalar_type();
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                     "fastkd::distill_rows: logits must be float32, bfloat16, float16 or float64, got ", dt);
-  }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    "fastkd::distill_rows: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1,
-                    "fastkd::distill_rows: label_smoothing must be in [0, 1), got ", label_smoothing);
+  check_logit_rows("fastkd::distill_rows", student, teacher, target, temperature, label_smoothing);
   TORCH_CHECK_VALUE(weights.numel() == 2 && weights.is_floating_point(),
                     "fastkd::distill_rows: weights must hold 2 floats (soft, hard), got ", weights.sizes());
   TORCH_CHECK(weights.device() == student.device(), "fastkd::distill_rows: weights is on ", weights.device(),
               " but student_logits is on ", student.device());
-  if (target.has_value()) {
-    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == student.size(0),
-                      "fastkd::distill_rows: target must have shape (", student.size(0), "), got ", target->sizes());
-    TORCH_CHECK_TYPE(!at::isFloatingType(target->scalar_type()) && !at::isComplexType(target->scalar_type()) &&
-                         target->scalar_type() != at::kBool,
-                     "fastkd::distill_rows: target must be an integer tensor, got ", target->scalar_type());
-    TORCH_CHECK(target->device() == student.device(), "fastkd::distill_rows: target is on ", target->device(),
-                " but student_logits is on ", student.device());
-  }
-  if (soft_mask.has_value()) {
-    TORCH_CHECK_VALUE(soft_mask->dim() == 1 && soft_mask->size(0) == student.size(0),
-                      "fastkd::distill_rows: soft_mask must have shape (", student.size(0), "), got ",
-                      soft_mask->sizes());
-    TORCH_CHECK_TYPE(soft_mask->scalar_type() == at::kBool, "fastkd::distill_rows: soft_mask must be bool, got ",
-                     soft_mask->scalar_type());
-    TORCH_CHECK(soft_mask->device() == student.device(), "fastkd::distill_rows: soft_mask is on ",
-                soft_mask->device(), " but student_logits is on ", student.device());
-  }
+  check_row_inputs("fastkd::distill_rows", student, std::nullopt, soft_mask);
   RowsCall call;
   call.divergence = parse_divergence(divergence, beta);
   call.rows = student.size(0);
   call.vocab = student.size(1);
   call.float64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  LossParams& p = call.params;
-  p.inv_temperature = 1.0 / temperature;
-  p.label_smoothing = label_smoothing;
-  p.vocab = call.vocab;
-  p.has_soft = true;
-  p.has_hard = target.has_value();
-  p.integer_temperature = (temperature == 1.0 || temperature == 2.0 || temperature == 4.0) ? int(temperature) : 0;
-  p.element_epsilon = call.float64 ? 1.2e-16 : 6e-8;
+  call.params = base_loss_params(temperature, label_smoothing, call.vocab, target.has_value(), call.float64);
   return call;
 }
 

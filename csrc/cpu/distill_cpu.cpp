@@ -11,6 +11,7 @@
 
 #include "cpu/distill_cpu_kernel.h"
 #include "cpu/gradient_allocator.h"
+#include "cpu/rows_op_common.h"
 #include "cpu/cpu_capability.h"
 #include "distill_op.h"
 
@@ -31,49 +32,11 @@ RowsKernel select_kernel() {
   }
 }
 
-// Rows whose target is not ignore_index; raises IndexError for a target outside [0, vocab).
-int64_t count_unmasked_rows(const at::Tensor& target, int64_t vocab, int64_t ignore_index) {
-  const int64_t* y = target.const_data_ptr<int64_t>();
-  int64_t unmasked = 0;
-  for (int64_t i = 0; i < target.numel(); ++i) {
-    if (y[i] == ignore_index) continue;
-    TORCH_CHECK_INDEX(y[i] >= 0 && y[i] < vocab, "target value ", y[i], " at row ", i,
-                      " is out of range: expected a class index in [0, ", vocab, ") or ignore_index (",
-                      ignore_index, ")");
-    ++unmasked;
-  }
-  return unmasked;
-}
-
-at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dtype) {
-  at::Tensor out = at::empty({int64_t(rows.size())}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(rows.begin(), rows.end(), out.data_ptr<double>());
-  return dtype == at::kDouble ? out : out.to(dtype);
-}
-
-// Logits as the kernel reads them: unit stride along the vocabulary, any row stride (a vocabulary
-// slice is not copied). float64 pairs widen the other side.
-at::Tensor kernel_view(const at::Tensor& x, bool float64) {
-  at::Tensor v = x.stride(1) == 1 && x.stride(0) >= 0 ? x : x.contiguous();
-  return float64 && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
-}
-
 // FASTKD_CPU_BLOCK=n (tests only): rows are gathered in blocks of n elements instead of 1024, so
 // merges of partial statistics (blocks that saw only -inf, NaN, a new maximum) run at small V.
 int64_t test_block_size() {
   const char* v = std::getenv("FASTKD_CPU_BLOCK");
   return v == nullptr ? 0 : std::max<int64_t>(0, std::atoll(v));
-}
-
-// Power of two that the fp16 gradient is stored multiplied by, so that entries of a loss normalised by
-// many rows are not flushed to zero before backward multiplies by grad_output (under GradScaler,
-// ~2^16): it brings the largest possible entry near 2^12. 1 for other dtypes.
-double fp16_prescale(bool fp16, double soft_weight, double hard_weight, double inv_t, const DivergenceParams& d) {
-  if (!fp16) return 1.0;
-  const double bound = std::fabs(soft_weight) * inv_t * divergence_gradient_bound(d) + 2 * std::fabs(hard_weight);
-  if (!(bound > 0) || !std::isfinite(bound)) return 1.0;
-  const int exponent = std::clamp(int(std::floor(std::log2(4096.0 / bound))), -24, 40);
-  return std::ldexp(1.0, exponent);
 }
 
 RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,

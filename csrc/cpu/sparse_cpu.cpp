@@ -10,6 +10,7 @@
 
 #include "cpu/cpu_capability.h"
 #include "cpu/gradient_allocator.h"
+#include "cpu/rows_op_common.h"
 #include "cpu/sparse_cpu_kernel.h"
 #include "distill_op.h"
 
@@ -33,21 +34,6 @@ SparseKernel select_sparse_kernel() {
 
 bool is_logit_dtype(at::ScalarType dt) {
   return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble;
-}
-
-at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dtype) {
-  at::Tensor out = at::empty({int64_t(rows.size())}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(rows.begin(), rows.end(), out.data_ptr<double>());
-  return dtype == at::kDouble ? out : out.to(dtype);
-}
-
-// The fp16 gradient's pre-scale, as for fastkd::distill_rows: brings the largest possible entry near
-// 2^12 so that a normalised loss's entries survive until backward multiplies by grad_output.
-double fp16_prescale(double soft_weight, double hard_weight, double inv_t, const DivergenceParams& d) {
-  const double bound = std::fabs(soft_weight) * inv_t * divergence_gradient_bound(d) + 2 * std::fabs(hard_weight);
-  if (!(bound > 0) || !std::isfinite(bound)) return 1.0;
-  const int exponent = std::clamp(int(std::floor(std::log2(4096.0 / bound))), -24, 40);
-  return std::ldexp(1.0, exponent);
 }
 
 // Indices of the valid (non -inf) slots must lie in [0, vocab) (the kernel reads the student there)
@@ -107,29 +93,11 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   TORCH_CHECK_VALUE(tail == "renormalize" || tail == "bucket",
                     FASTKD_OP "tail must be 'renormalize' or 'bucket', got '", std::string(tail), "'");
   const int64_t rows = student.size(0), vocab = student.size(1);
-  if (target.has_value()) {
-    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == rows, FASTKD_OP "target must have shape (", rows,
-                      "), got ", target->sizes());
-    TORCH_CHECK_TYPE(!at::isFloatingType(target->scalar_type()) && !at::isComplexType(target->scalar_type()) &&
-                         target->scalar_type() != at::kBool,
-                     FASTKD_OP "target must be an integer tensor, got ", target->scalar_type());
-    TORCH_CHECK(target->device() == student.device(), FASTKD_OP "target is on ", target->device(),
-                " but student_logits is on ", student.device());
-  }
-  if (soft_mask.has_value()) {
-    TORCH_CHECK_VALUE(soft_mask->dim() == 1 && soft_mask->size(0) == rows, FASTKD_OP "soft_mask must have shape (",
-                      rows, "), got ", soft_mask->sizes());
-    TORCH_CHECK_TYPE(soft_mask->scalar_type() == at::kBool, FASTKD_OP "soft_mask must be bool, got ",
-                     soft_mask->scalar_type());
-    TORCH_CHECK(soft_mask->device() == student.device(), FASTKD_OP "soft_mask is on ", soft_mask->device(),
-                " but student_logits is on ", student.device());
-  }
+  check_row_inputs("fastkd::sparse_distill_rows", student, target, soft_mask);
 #undef FASTKD_OP
   const DivergenceParams div = parse_divergence(divergence, beta);
   const bool float64 = student.scalar_type() == at::kDouble || values.scalar_type() == at::kDouble;
-  // Unit stride along the vocabulary, any row stride: a vocabulary slice is read in place.
-  at::Tensor s = student.stride(1) == 1 && student.stride(0) >= 0 ? student : student.contiguous();
-  if (float64 && s.scalar_type() != at::kDouble) s = s.to(at::kDouble);
+  const at::Tensor s = kernel_view(student, float64);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor val = values.to(at::kDouble).contiguous();  // O(rows K): the teacher is small
   if (idx.scalar_type() == at::kLong) {
@@ -140,12 +108,7 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   at::Tensor y;
   if (target.has_value()) {
     y = target->to(at::kLong).contiguous();
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < rows; ++i) {
-      TORCH_CHECK_INDEX(yp[i] == ignore_index || (yp[i] >= 0 && yp[i] < vocab), "target value ", yp[i],
-                        " at row ", i, " is out of range: expected a class index in [0, ", vocab,
-                        ") or ignore_index (", ignore_index, ")");
-    }
+    count_unmasked_rows(y, vocab, ignore_index);
   }
   const at::Tensor mask = soft_mask.has_value() ? soft_mask->contiguous() : at::Tensor();
   const at::Tensor w = weights.to(at::kDouble).contiguous();
@@ -158,10 +121,8 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   args.params.integer_temperature = temperature == 1.0 || temperature == 2.0 || temperature == 4.0 ? int(temperature) : 0;
   args.params.soft_weight = w.const_data_ptr<double>()[0];
   args.params.hard_weight = w.const_data_ptr<double>()[1];
-  const double prescale =
-      student_grad && student.scalar_type() == at::kHalf
-          ? fp16_prescale(args.params.soft_weight, args.params.hard_weight, args.params.inv_temperature, div)
-          : 1.0;
+  const double prescale = fp16_prescale(student_grad && student.scalar_type() == at::kHalf, args.params.soft_weight,
+                                        args.params.hard_weight, args.params.inv_temperature, div);
   at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
   std::vector<double> row_loss(rows), row_soft(rows), row_hard(rows);
   args.student = s.const_data_ptr();
