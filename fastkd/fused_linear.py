@@ -161,7 +161,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         per_row = cfg["reduction"] == "none"
         needs = ctx.needs_input_grad[1:]
         if not per_row and any(needs):
-            _allocate_grads(student, teacher, needs, head)
+            _allocate_grads(student, teacher, needs)
         loss_rows, soft_rows, hard_rows = _run_chunks(
             student, teacher, head, cfg["target"], cfg["soft_mask"], cfg["weights"], cfg["chunk_size"], None, kw,
         )
@@ -179,7 +179,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if ctx.per_row:
             inputs = ctx.saved_tensors
             student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], inputs[6])
-            _allocate_grads(student, teacher, ctx.needs_input_grad[1:], ctx.cfg["head"])
+            _allocate_grads(student, teacher, ctx.needs_input_grad[1:])
             cfg = ctx.cfg
             _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
                         cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
@@ -192,7 +192,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         return (None, *grads)
 
 
-def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...], head: _Head) -> None:
+def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> None:
     def zeros32(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape, dtype=_accumulation_dtype(x.dtype), device=x.device)
 
