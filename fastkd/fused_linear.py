@@ -32,14 +32,20 @@ class _Head:
     logit_scale: float
     softcap: float | None
 
-    def logits(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        z = h @ w[: self.vocab].T
-        if b is not None:
-            z = z + b[: self.vocab]
+    def logits(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of rows h, written into ``out`` when given (a reused chunk buffer: a fresh CPU
+        buffer of this size is faulted in page by page on every chunk, which costs as much as the loss)."""
+        w = w[: self.vocab]
+        if out is None:
+            z = h @ w.T if b is None else torch.addmm(b[: self.vocab], h, w.T)
+        else:
+            z = torch.mm(h, w.T, out=out) if b is None else torch.addmm(b[: self.vocab], h, w.T, out=out)
+        # In place: z is this function's own tensor (forward runs without autograd).
         if self.logit_scale != 1.0:
-            z = z * self.logit_scale
+            z.mul_(self.logit_scale)
         if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
     def to_pre_activation(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -65,13 +71,14 @@ class _Side:
     grad_bias: torch.Tensor | None = None  # float32
     grad_logits: torch.Tensor | None = None
 
-    def chunk_logits(self, head: _Head, rows: slice) -> torch.Tensor | SparseTeacher:
+    def chunk_logits(self, head: _Head, rows: slice, buffers: _ChunkBuffers) -> torch.Tensor | SparseTeacher:
         if isinstance(self.logits, SparseTeacher):
             t = self.logits
             return SparseTeacher(t.indices[rows], t.values[rows], kind=t.kind, tail=t.tail)
         if self.logits is not None:
             return self.logits[rows, : head.vocab]
-        return head.logits(self.hidden[rows], self.weight, self.bias)
+        h = self.hidden[rows]
+        return head.logits(h, self.weight, self.bias, out=buffers.take(self, h, self.weight, head.vocab))
 
     def wants_grad(self) -> bool:
         return any(x is not None for x in (self.grad_hidden, self.grad_weight, self.grad_bias, self.grad_logits))
@@ -83,13 +90,39 @@ class _Side:
             return
         g = head.to_pre_activation(grad, logits)
         if self.grad_hidden is not None:
-            self.grad_hidden[rows] = (g.to(self.weight.dtype) @ self.weight[: head.vocab]).to(self.grad_hidden.dtype)
+            w = self.weight[: head.vocab]
+            if g.dtype == w.dtype == self.grad_hidden.dtype and _may_write_out(g):
+                torch.mm(g, w, out=self.grad_hidden[rows])
+            else:
+                self.grad_hidden[rows] = (g.to(w.dtype) @ w).to(self.grad_hidden.dtype)
         if self.grad_weight is not None:
             # float32 accumulation across chunks: bf16 weight gradients stay within bf16 rounding.
             acc = self.grad_weight.dtype
             self.grad_weight[: head.vocab].addmm_(g.to(acc).T, self.hidden[rows].to(acc))
         if self.grad_bias is not None:
             self.grad_bias[: head.vocab] += g.to(self.grad_bias.dtype).sum(0)
+
+
+def _may_write_out(x: torch.Tensor) -> bool:
+    """Whether matmuls may write into preallocated buffers: not under autocast (an out= matmul would
+    skip its cast) nor while torch.compile traces (its own memory planning applies)."""
+    return not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+
+
+class _ChunkBuffers:
+    """One (chunk_size, V) logits buffer per head, allocated on first use and reused by every chunk."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, side: _Side, h: torch.Tensor, w: torch.Tensor, vocab: int) -> torch.Tensor | None:
+        if h.dtype != w.dtype or not _may_write_out(h):
+            return None
+        buf = self.buffers.get(id(side))
+        if buf is None:
+            buf = self.buffers[id(side)] = h.new_empty(self.chunk_size, vocab)
+        return buf[: h.shape[0]]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,10 +160,11 @@ def _run_chunks(
     if isinstance(teacher.logits, SparseTeacher) and not sparse_op:
         rows_op = reference.distill_rows
     loss_rows, soft_rows, hard_rows = [], [], []
+    buffers = _ChunkBuffers(min(chunk_size, n))
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
-        zs = student.chunk_logits(head, rows)
-        zt = teacher.chunk_logits(head, rows)
+        zs = student.chunk_logits(head, rows, buffers)
+        zt = teacher.chunk_logits(head, rows, buffers)
         y_chunk = None if target is None else target[rows]
         mask_chunk = None if soft_mask is None else soft_mask[rows]
         args = (weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"])
@@ -146,6 +180,9 @@ def _run_chunks(
             if not wanted:
                 continue
             side.accumulate(head, rows, _unscaled(g, grad_scale, None if row_grad is None else row_grad[rows]), z)
+        # Free this chunk's gradients before the next op call, so that the op's CPU allocator can hand
+        # the same pages out again.
+        del gs, gt, g
     return torch.cat(loss_rows), torch.cat(soft_rows), torch.cat(hard_rows)
 
 

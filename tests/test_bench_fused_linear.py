@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fused_l
 def _load():
     spec = importlib.util.spec_from_file_location("bench_fused_linear", _SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the script's string annotations through it
     spec.loader.exec_module(mod)
     return mod
 

@@ -156,6 +156,22 @@ def test_no_full_logits_are_built():
     assert biggest < full // 4, (biggest, full)
 
 
+def test_chunk_logits_buffers_are_reused():
+    """The logits of each head go into one buffer reused by every chunk (a fresh one per chunk would be
+    faulted in page by page each time): at most one chunk-sized allocation per head, plus the op's gradient."""
+    n, vocab, chunk = 512, 4000, 64
+    hs = torch.randn(n, 32, requires_grad=True)
+    ws = torch.randn(vocab, 32, requires_grad=True)
+    ht, wt = torch.randn(n, 48), torch.randn(vocab, 48)
+    y = torch.randint(0, vocab, (n,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = fastkd.fused_linear_distill_loss(hs, ws, y, teacher_hidden=ht, teacher_weight=wt, chunk_size=chunk,
+                                                temperature=2.0)
+        loss.backward()
+    chunk_sized = sum(1 for e in prof.events() if e.cpu_memory_usage == chunk * vocab * 4)
+    assert chunk_sized <= 2 + n // chunk, chunk_sized  # 4 per chunk before reuse
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
