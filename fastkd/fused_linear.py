@@ -67,7 +67,8 @@ class _Side:
     bias: torch.Tensor | None
     logits: torch.Tensor | SparseTeacher | None  # teacher logits (dense, or top-k) instead of hidden / weight
     grad_hidden: torch.Tensor | None = None
-    grad_weight: torch.Tensor | None = None  # float32
+    grad_weight: torch.Tensor | None = None  # float32; rows below the vocabulary are unset until a chunk writes
+    grad_weight_started: bool = False
     grad_bias: torch.Tensor | None = None  # float32
     grad_logits: torch.Tensor | None = None
 
@@ -98,7 +99,11 @@ class _Side:
         if self.grad_weight is not None:
             # float32 accumulation across chunks: bf16 weight gradients stay within bf16 rounding.
             acc = self.grad_weight.dtype
-            self.grad_weight[: head.vocab].addmm_(g.to(acc).T, self.hidden[rows].to(acc))
+            # beta=0 on the first chunk: the accumulator needs no zero-fill pass (and NaN in unset memory
+            # is ignored, as torch.addmm documents for beta=0).
+            self.grad_weight[: head.vocab].addmm_(g.to(acc).T, self.hidden[rows].to(acc),
+                                                  beta=1 if self.grad_weight_started else 0)
+            self.grad_weight_started = True
         if self.grad_bias is not None:
             self.grad_bias[: head.vocab] += g.to(self.grad_bias.dtype).sum(0)
 
@@ -183,6 +188,9 @@ def _run_chunks(
         # Free this chunk's gradients before the next op call, so that the op's CPU allocator can hand
         # the same pages out again.
         del gs, gt, g
+    if not loss_rows:  # no rows: empty terms in the op's dtype
+        loss_rows = soft_rows = hard_rows = [
+            student.hidden.new_zeros(0, dtype=_accumulation_dtype(student.hidden.dtype))]
     return torch.cat(loss_rows), torch.cat(soft_rows), torch.cat(hard_rows)
 
 
@@ -198,7 +206,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         per_row = cfg["reduction"] == "none"
         needs = ctx.needs_input_grad[1:]
         if not per_row and any(needs):
-            _allocate_grads(student, teacher, needs)
+            _allocate_grads(student, teacher, needs, head.vocab)
         loss_rows, soft_rows, hard_rows = _run_chunks(
             student, teacher, head, cfg["target"], cfg["soft_mask"], cfg["weights"], cfg["chunk_size"], None, kw,
         )
@@ -216,20 +224,20 @@ class _FusedLinearDistill(torch.autograd.Function):
         if ctx.per_row:
             inputs = ctx.saved_tensors
             student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], inputs[6])
-            _allocate_grads(student, teacher, ctx.needs_input_grad[1:])
             cfg = ctx.cfg
+            _allocate_grads(student, teacher, ctx.needs_input_grad[1:], cfg["head"].vocab)
             _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
                         cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
             grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
         else:
             # The loss was summed: every row's grad_output is the same.
-            scale = grad_loss_rows.reshape(-1)[:1].reshape(())
+            scale = grad_loss_rows.reshape(-1)[:1].sum()  # 0 when there are no rows (nor gradients)
             grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
                      for g in ctx.grads]
         return (None, *grads)
 
 
-def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> None:
+def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...], vocab: int) -> None:
     def zeros32(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape, dtype=_accumulation_dtype(x.dtype), device=x.device)
 
@@ -237,7 +245,9 @@ def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> 
         if need_h:
             side.grad_hidden = torch.empty_like(side.hidden)
         if need_w:
-            side.grad_weight = zeros32(side.weight)
+            side.grad_weight = torch.empty(side.weight.shape, dtype=_accumulation_dtype(side.weight.dtype),
+                                           device=side.weight.device)
+            side.grad_weight[vocab:].zero_()  # rows beyond vocab_size get no gradient
         if need_b:
             side.grad_bias = zeros32(side.bias)
     if needs[6]:
@@ -247,6 +257,8 @@ def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> 
 def _collect_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
     out: list[torch.Tensor | None] = []
     for side in (student, teacher):
+        if side.grad_weight is not None and not side.grad_weight_started:
+            side.grad_weight.zero_()  # no rows, no chunk wrote it
         out.append(side.grad_hidden)
         out.append(None if side.grad_weight is None else side.grad_weight.to(side.weight.dtype))
         out.append(None if side.grad_bias is None else side.grad_bias.to(side.bias.dtype))

@@ -235,3 +235,26 @@ def test_a_sparse_top_k_teacher(monkeypatch, tail, divergence):
     again = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_logits=teacher, student_bias=c["bs"],
                                              chunk_size=5, **kw)
     torch.testing.assert_close(again, want_loss, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_weight_gradients_are_exact_zeros_without_rows_and_beyond_vocab_size(reduction):
+    """The weight-gradient accumulator is never zero-filled up front (the first chunk overwrites it):
+    with no rows at all, and in the rows beyond vocab_size, it must still come back as exact zeros."""
+    ws = torch.randn(40, 8, requires_grad=True)
+    wt = torch.randn(40, 12, requires_grad=True)
+    for n, vocab in ((0, 40), (5, 33)):
+        hs = torch.randn(n, 8, requires_grad=True)
+        ht = torch.randn(n, 12)
+        y = torch.randint(0, vocab, (n,))
+        loss = fastkd.fused_linear_distill_loss(hs, ws, y, teacher_hidden=ht, teacher_weight=wt, vocab_size=vocab,
+                                                reduction=reduction, chunk_size=2)
+        ws.grad = wt.grad = None
+        loss.sum().backward()
+        for w in (ws, wt):
+            assert torch.isfinite(w.grad).all()
+            assert (w.grad[vocab:] == 0).all()
+        if n == 0:
+            assert (ws.grad == 0).all() and (wt.grad == 0).all()
+        else:
+            assert (ws.grad[:vocab] != 0).any()
