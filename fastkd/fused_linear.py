@@ -20,8 +20,13 @@ from fastkd.functional import _SPARSE_KERNELS, _has_rows_kernel_for, _reduced_te
 from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
-# Bytes one chunk's logits buffer may take (per head, and as many again for its gradient).
-_CHUNK_BYTES = 64 << 20
+# Bytes one chunk's logits buffer may take (per head, and as many again for its gradient): on the CPU
+# small enough for the cache-friendly 64 MiB, on a GPU large enough that the matmuls have ~1k rows at
+# LLM vocabularies.
+_CHUNK_BYTES = {"cpu": 64 << 20}
+_CHUNK_BYTES_ACCELERATOR = 256 << 20
+# Chunks of a multiple of this many rows fill whole matmul tiles.
+_CHUNK_ROW_MULTIPLE = 128
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,12 @@ def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tens
     return grad.to(_accumulation_dtype(grad.dtype)) * factor
 
 
-def _default_chunk_size(vocab: int, element_bytes: int) -> int:
-    return max(1, _CHUNK_BYTES // max(1, vocab * max(element_bytes, 4)))
+def _default_chunk_size(vocab: int, element_bytes: int, device_type: str) -> int:
+    """Rows per chunk: as many as fit the device's buffer budget (float32 size at least, the loss's
+    accumulation type), rounded down to a multiple of 128 rows when that many fit."""
+    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES_ACCELERATOR)
+    rows = max(1, budget // max(1, vocab * max(element_bytes, 4)))
+    return rows - rows % _CHUNK_ROW_MULTIPLE if rows >= _CHUNK_ROW_MULTIPLE else rows
 
 
 def _run_chunks(
@@ -367,8 +376,9 @@ def fused_linear_distill_loss(
     teacher_weight, teacher_bias)`` or dense ``teacher_logits``. Equal to
     ``distill_loss(head(student_hidden, ...), teacher, target, ...)`` for every keyword of
     :func:`fastkd.distill_loss`, computed in chunks of ``chunk_size`` rows: at most chunk_size x V logits
-    (and as many gradient entries) per head exist at a time; the default keeps each such buffer near
-    64 MiB. "mean" and ``num_items_in_batch`` normalise over all rows, not per chunk.
+    (and as many gradient entries) per head exist at a time; the default keeps each such buffer (counted
+    in float32) at most 64 MiB on the CPU and 256 MiB on a GPU, in multiples of 128 rows where that many
+    fit. "mean" and ``num_items_in_batch`` normalise over all rows, not per chunk.
 
     Args:
         student_hidden: ``(..., H_s)`` final hidden states (rows are the leading dimensions).
@@ -411,7 +421,7 @@ def fused_linear_distill_loss(
     head = _Head(vocab, float(logit_scale), None if softcap is None else float(softcap))
     cfg = dict(
         head=head, target=y, soft_mask=mask, weights=weights, reduction=reduction,
-        chunk_size=chunk_size or _default_chunk_size(vocab, student_hidden.element_size()),
+        chunk_size=chunk_size or _default_chunk_size(vocab, student_hidden.element_size(), student_hidden.device.type),
         kw=dict(temperature=float(temperature), ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
                 divergence=divergence, beta=float(beta)),
     )

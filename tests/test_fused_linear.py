@@ -258,3 +258,16 @@ def test_weight_gradients_are_exact_zeros_without_rows_and_beyond_vocab_size(red
             assert (ws.grad == 0).all() and (wt.grad == 0).all()
         else:
             assert (ws.grad[:vocab] != 0).any()
+
+
+def test_default_chunk_size_fits_the_budget_in_whole_tiles():
+    from fastkd.fused_linear import _default_chunk_size
+
+    assert _default_chunk_size(32000, 4, "cpu") == 512  # 64 MiB / 125 KiB per row = 524 -> 512
+    assert _default_chunk_size(128256, 2, "cuda") == 512  # 256 MiB counted in float32: 523 -> 512
+    assert _default_chunk_size(32000, 8, "cpu") == 256  # float64 rows are twice as large
+    assert _default_chunk_size(1_000_000, 4, "cpu") == 16  # fewer than 128 rows fit: not rounded
+    assert _default_chunk_size(10**9, 4, "cpu") == 1
+    for vocab in (1000, 32000, 151936):
+        rows = _default_chunk_size(vocab, 4, "cpu")
+        assert rows * vocab * 4 <= 64 << 20 and (rows % 128 == 0 or rows < 128)
