@@ -319,3 +319,39 @@ def test_target_out_of_range_is_a_device_assert():
     assert "True" in out.stdout, out.stdout + out.stderr
 
 
+
+
+@pytest.mark.parametrize("kernel_env", ["auto", "stream"])
+def test_first_call_inside_cuda_graph_capture(kernel_env):
+    """A fresh process whose very first kernel calls are captured: the one-time set-up (function
+    attributes, the cluster fit, module loading) must be legal inside a capture, and replay must equal
+    eager calls."""
+    code = textwrap.dedent(
+        """
+        import torch, fastkd
+        s = torch.randn(6, 4096, device="cuda", dtype=torch.bfloat16)
+        t = torch.randn_like(s)
+        y = torch.randint(0, 4096, (6,), device="cuda")
+        w = torch.tensor([0.5, 0.25], device="cuda")
+        fwd = (2.0, 0.5, -100, 0.0, True, "mean", 6, True, False)
+        rows = (2.0, -100, 0.0, "jsd", 0.5, True, False)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            a = torch.ops.fastkd.distill_forward(s, t, y, *fwd)
+            b = torch.ops.fastkd.distill_rows(s, t, y, None, w, *rows)
+        graph.replay()
+        torch.cuda.synchronize()
+        ea = torch.ops.fastkd.distill_forward(s, t, y, *fwd)
+        eb = torch.ops.fastkd.distill_rows(s, t, y, None, w, *rows)
+        for got, want in ((a[0], ea[0]), (a[3], ea[3]), (b[0], eb[0]), (b[3], eb[3])):
+            torch.testing.assert_close(got, want)
+        print("replay equals eager")
+        """
+    )
+    env = {**os.environ}
+    env.pop("FASTKD_CUDA_KERNEL", None)
+    if kernel_env != "auto":
+        env["FASTKD_CUDA_KERNEL"] = kernel_env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert "replay equals eager" in out.stdout, out.stdout + out.stderr
