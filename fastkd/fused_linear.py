@@ -239,10 +239,22 @@ class _FusedLinearDistill(torch.autograd.Function):
                         cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
             grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
         else:
+            if ctx.grads is None:
+                raise RuntimeError("Trying to backward through the fused linear distillation loss a second time: "
+                                   "its gradients were handed over by the first backward (use retain_graph=True)")
             # The loss was summed: every row's grad_output is the same.
             scale = grad_loss_rows.reshape(-1)[:1].sum()  # 0 when there are no rows (nor gradients)
-            grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
-                     for g in ctx.grads]
+            grads = ctx.grads
+            held = [g for g in grads if g is not None]
+            if held and _has_rows_kernel_for(held[0].device.type) and ops._reuse_saved_gradient_in_place(held[0]):
+                # This graph is freed after this backward: scale in place (nothing at all for a grad_output
+                # of 1) and let go, so autograd keeps the tensors as .grad without a copy.
+                ctx.grads = None
+                for g in held:
+                    ops.scale_grad_(g, scale)
+            else:
+                grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
+                         for g in grads]
         return (None, *grads)
 
 

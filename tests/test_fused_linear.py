@@ -271,3 +271,28 @@ def test_default_chunk_size_fits_the_budget_in_whole_tiles():
     for vocab in (1000, 32000, 151936):
         rows = _default_chunk_size(vocab, 4, "cpu")
         assert rows * vocab * 4 <= 64 << 20 and (rows % 128 == 0 or rows < 128)
+
+
+def test_backward_scales_and_survives_retain_graph():
+    """Backward hands the forward's gradients over scaled in place when the graph is freed; with
+    retain_graph it must scale copies instead, so a second backward adds the same gradient again."""
+    c = _case()
+
+    def grads(scale, retain):
+        hs, ws = c["hs"].detach().requires_grad_(), c["ws"].detach().requires_grad_()
+        loss = fastkd.fused_linear_distill_loss(hs, ws, c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"],
+                                                vocab_size=c["vocab"], temperature=2.0, chunk_size=3)
+        (loss * scale).backward(retain_graph=retain)
+        if retain:
+            (loss * scale).backward()
+            with pytest.raises(RuntimeError, match="second time"):
+                (loss * scale).backward()
+        return hs.grad, ws.grad
+
+    hs1, ws1 = grads(1.0, False)
+    hs3, ws3 = grads(3.0, False)
+    hs_twice, ws_twice = grads(1.5, True)
+    torch.testing.assert_close(hs3, 3 * hs1)
+    torch.testing.assert_close(ws3, 3 * ws1)
+    torch.testing.assert_close(hs_twice, 3 * hs1)
+    torch.testing.assert_close(ws_twice, 3 * ws1)
