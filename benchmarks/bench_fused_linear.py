@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark of ``fastkd.fused_linear_distill_loss`` (CPU): the distillation loss from hidden states and
-lm_head weights, side by side in one process with
+"""Benchmark of ``fastkd.fused_linear_distill_loss`` (CPU or CUDA): the distillation loss from hidden
+states and lm_head weights, side by side in one process with
 
 - ``matmuls alone``: the same matmuls and no loss (student and teacher logits, the two student gradient
   matmuls with a random logits gradient G), the floor of any fused linear loss;
@@ -10,6 +10,8 @@ lm_head weights, side by side in one process with
 
     python benchmarks/bench_fused_linear.py                       # headline + sweep, writes results
     python benchmarks/bench_fused_linear.py --n 256 --vocab 4000 --sweep 128,256 --rounds 3 --out /tmp/x
+    python benchmarks/bench_fused_linear.py --device cuda --dtype bf16 --n 8192 --h-student 4096 \
+        --h-teacher 4096 --vocab 128256 --sweep 4096,8192,16384 --machine h200-fused-linear
 
 Interleaved rounds (order rotated per round), medians; see benchmarks/README.md.
 """
@@ -33,6 +35,7 @@ from fastkd.bench import machine
 from fastkd.bench.memory import _reset_hwm, _Sampler, _status_kib, _trim_heap, cpu_method
 
 MIB = 2**20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FASTKD = "fastkd fused"
 FASTKD_NO_T2 = "fastkd fused (no T^2)"
 MATMULS = "matmuls alone"
@@ -54,18 +57,24 @@ class Inputs:
     outs: tuple[torch.Tensor, ...] = ()  # the floor's outputs, allocated (and faulted in) before the run
 
 
-def make_inputs(n: int, h_s: int, h_t: int, v: int, ignore_frac: float, seed: int, floor: bool) -> Inputs:
+def make_inputs(n: int, h_s: int, h_t: int, v: int, ignore_frac: float, seed: int, floor: bool,
+                device: str = "cpu", dtype: torch.dtype = torch.float32) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
     # Weights ~ N(0, 4 / H): logits with standard deviation about 2.
-    hs = torch.randn(n, h_s, generator=gen).requires_grad_()
-    ws = (torch.randn(v, h_s, generator=gen) * (2 / h_s**0.5)).requires_grad_()
-    ht = torch.randn(n, h_t, generator=gen)
-    wt = torch.randn(v, h_t, generator=gen) * (2 / h_t**0.5)
+    hs = rand(n, h_s).requires_grad_()
+    ws = rand(v, h_s, scale=2 / h_s**0.5).requires_grad_()
+    ht = rand(n, h_t)
+    wt = rand(v, h_t, scale=2 / h_t**0.5)
     y = torch.randint(0, v, (n,), generator=gen)
     y[torch.randperm(n, generator=gen)[: int(round(ignore_frac * n))]] = -100
-    g = torch.randn(n, v, generator=gen) * 1e-4 if floor else None
-    outs = tuple(torch.zeros(shape) for shape in ((n, v), (n, v), (n, h_s), (v, h_s))) if floor else ()
-    return Inputs(hs, ws, ht, wt, y, g, outs)
+    g = rand(n, v, scale=1e-4) if floor else None
+    outs = tuple(torch.zeros(shape, device=device, dtype=dtype) for shape in ((n, v), (n, v), (n, h_s), (v, h_s))) \
+        if floor else ()
+    return Inputs(hs, ws, ht, wt, y.to(device), g, outs)
 
 
 class Contender:
@@ -126,25 +135,40 @@ def contenders(temperature: float, alpha: float, liger: dict, floor: bool, liger
     return out
 
 
-def measured_step(c: Contender, x, clear_grads: Callable[[], None]) -> dict:
-    """One training-style step: clear_grads(), forward, backward; perf_counter around each phase, and the
-    peak resident set size during the step over the resident set size just before it."""
+def measured_step(c: Contender, x, clear_grads: Callable[[], None], device: str = "cpu") -> dict:
+    """One training-style step: clear_grads(), forward, backward; perf_counter around each phase (after a
+    device synchronisation on CUDA), and the peak memory during the step over the memory just before it:
+    the resident set size on the CPU, the caching allocator's allocated bytes on CUDA."""
     clear_grads()
     gc.collect()
-    _trim_heap()
+    cuda = device == "cuda"
     sampler = None
-    if _reset_hwm():
-        pre = _status_kib("VmRSS") * 1024
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        pre = torch.cuda.memory_allocated()
     else:
-        sampler = _Sampler()
-        pre = sampler.peak
-        sampler.start()
-    t0 = time.perf_counter()
+        _trim_heap()
+        if _reset_hwm():
+            pre = _status_kib("VmRSS") * 1024
+        else:
+            sampler = _Sampler()
+            pre = sampler.peak
+            sampler.start()
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    t0 = now()
     out = c.forward(x)
-    t1 = time.perf_counter()
+    t1 = now()
     c.backward(out, x)
-    t2 = time.perf_counter()
-    if sampler is None:
+    t2 = now()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    elif sampler is None:
         peak = _status_kib("VmHWM") * 1024
     else:
         sampler.stop.set()
@@ -162,7 +186,7 @@ def step(c: Contender, x: Inputs) -> dict:
         x.hs.grad = None
         x.ws.grad = None
 
-    return measured_step(c, x, clear)
+    return measured_step(c, x, clear, x.hs.device.type)
 
 
 def timed_rounds(cs: list[Contender], x, rounds: int, step_fn: Callable[[Contender, object], dict], log) -> dict:
@@ -213,9 +237,10 @@ def load_liger() -> dict:
         return {"module": None, "unavailable": f"{type(e).__name__}: {e}"}
 
 
-def terms_check(liger: dict, temperature: float, alpha: float, h_s: int, h_t: int, v: int, n: int = 256) -> dict:
+def terms_check(liger: dict, temperature: float, alpha: float, h_s: int, h_t: int, v: int, n: int = 256,
+                device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """fastkd's soft and hard terms against Liger's (eager, return_soft_hard_loss) on a small slice."""
-    x = make_inputs(n, h_s, h_t, v, 0.1, 1, floor=False)
+    x = make_inputs(n, h_s, h_t, v, 0.1, 1, floor=False, device=device, dtype=dtype)
     with torch.no_grad():
         t = fastkd.fused_linear_distill_loss(x.hs, x.ws, x.y, teacher_hidden=x.ht, teacher_weight=x.wt,
                                              temperature=temperature, alpha=alpha, return_terms=True,
@@ -270,8 +295,9 @@ def report(rec: dict) -> str:
     f = h[FASTKD]["fwd_bwd_ms"]
     f0 = h[FASTKD_NO_T2]["fwd_bwd_ms"]
     lines = [
-        "# fastkd.fused_linear_distill_loss benchmark (CPU)", "",
-        f"N = {a['n']}, H_student = {a['h_student']}, H_teacher = {a['h_teacher']}, V = {a['vocab']}, fp32, "
+        f"# fastkd.fused_linear_distill_loss benchmark ({a.get('device', 'cpu').upper()})", "",
+        f"N = {a['n']}, H_student = {a['h_student']}, H_teacher = {a['h_teacher']}, V = {a['vocab']}, "
+        f"{a.get('dtype', 'fp32')}, "
         f"forward_kl, T = {a['temperature']}, alpha = {a['alpha']}, {a['ignore_frac']:.0%} of targets = -100, "
         f"reduction mean; student hidden states and weight require grad, teacher frozen. "
         f"{a['rounds']} interleaved rounds, medians. One N x V fp32 tensor = {nv:.0f} MiB.", "",
@@ -304,7 +330,7 @@ def report(rec: dict) -> str:
         loss = "" if r["loss"] is None else f"{r['loss']:.6f}"
         lines.append(f"| {name} | {r['fwd_ms']:.0f} | {r['bwd_ms']:.0f} | {med:.0f} | {mn:.0f} | {ratio} | "
                      f"{ratio_min} | {r['peak_extra_mib']:.0f} | {r['peak_extra_mib'] / nv:.2f} | {loss} |")
-    lines += ["", "## Sweep over N (fp32, same H and V)", "",
+    lines += ["", f"## Sweep over N ({a.get('dtype', 'fp32')}, same H and V)", "",
               "| N | implementation | fwd+bwd ms (median) | peak extra MiB | x N x V fp32 | peak extra minus "
               "gradients MiB |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for n in sorted(rec["sweep"], key=int):
@@ -318,8 +344,11 @@ def report(rec: dict) -> str:
     for k, v in c.items():
         lines.append(f"- {k}: {v}")
     env = rec["environment"]
-    lines += ["", "## Machine", "",
-              f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({env['torch_threads']})",
+    lines += ["", "## Machine", ""]
+    if "gpu_name" in env:
+        lines.append(f"- GPU: {env['gpu_name']} ({env['gpu_memory_gib']} GiB, capability {env['gpu_capability']}), "
+                     f"CUDA runtime {env['cuda_runtime']}")
+    lines += [f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({env['torch_threads']})",
               f"- torch {env['torch']}, fastkd {env['fastkd']} ({env.get('fastkd_git_commit')}), Python "
               f"{env['python']}, liger-kernel {rec['liger'].get('version', 'unavailable: ' + rec['liger'].get('unavailable', ''))}",
               f"- {env['platform']}; date {env['date']}",
@@ -336,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--h-student", type=int, default=512)
     p.add_argument("--h-teacher", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="of the hidden states and weights")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--ignore-frac", type=float, default=0.1)
@@ -364,11 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     liger = {"unavailable": "--no-liger"} if a.no_liger else load_liger()
     if liger.get("module") is None:
         log(f"Liger-Kernel unavailable: {liger['unavailable']}")
-    env = machine.environment("cpu", ["benchmarks/bench_fused_linear.py", *(argv or sys.argv[1:])])
+    env = machine.environment(a.device, ["benchmarks/bench_fused_linear.py", *(argv or sys.argv[1:])])
     env["command"] = " ".join(["python", "benchmarks/bench_fused_linear.py", *(argv or sys.argv[1:])])
 
     log(f"headline N={a.n}")
-    x = make_inputs(a.n, a.h_student, a.h_teacher, a.vocab, a.ignore_frac, 0, floor=True)
+    dtype = DTYPES[a.dtype]
+    x = make_inputs(a.n, a.h_student, a.h_teacher, a.vocab, a.ignore_frac, 0, floor=True, device=a.device,
+                    dtype=dtype)
     cs = contenders(a.temperature, a.alpha, liger, floor=True, liger_eager=not a.no_liger_eager)
     headline = run_case(cs, x, a.rounds, warmup=True, log=log)
     del x, cs
@@ -381,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep[str(n)] = {k: v for k, v in headline.items() if k in keep}
             continue
         log(f"sweep N={n}")
-        x = make_inputs(n, a.h_student, a.h_teacher, a.vocab, a.ignore_frac, 0, floor=False)
+        x = make_inputs(n, a.h_student, a.h_teacher, a.vocab, a.ignore_frac, 0, floor=False, device=a.device,
+                        dtype=dtype)
         cs = [c for c in contenders(a.temperature, a.alpha, liger, floor=False, liger_eager=False) if c.name in keep]
         # fastkd and the materialised path are warm from the headline; Liger compiles once per N.
         warm = [c for c in cs if c.name == LIGER]
@@ -402,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             check[f"{name} vs fastkd (no T^2), relative"] = (
                 abs(headline[name]["loss"] - headline[FASTKD_NO_T2]["loss"]) / abs(headline[FASTKD_NO_T2]["loss"]))
     check["terms on a 256-row slice (eager Liger, return_soft_hard_loss)"] = terms_check(
-        liger, a.temperature, a.alpha, a.h_student, a.h_teacher, a.vocab)
+        liger, a.temperature, a.alpha, a.h_student, a.h_teacher, a.vocab, device=a.device, dtype=dtype)
 
     env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     nv = a.n * a.vocab * 4 / MIB
@@ -427,12 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         "so its time is compared with fastkd called with scale_by_temperature_squared=False (same work as the "
         "default; both timed).",
         "Peak extra memory: " + (
+            "torch.cuda.max_memory_allocated() minus memory_allocated() just before the step (peak statistics "
+            "reset there, after a synchronisation). " if a.device == "cuda" else
             "Linux process RSS; before each step gc.collect() and glibc malloc_trim(0), then the RSS high-water "
             "mark is reset (write 5 to /proc/self/clear_refs) and VmRSS read; after the step VmHWM minus that "
-            "VmRSS. " if _reset_hwm() else cpu_method() + ". ") +
+            "VmRSS; page granularity, only written pages count. " if _reset_hwm() else cpu_method() + ". ") +
         "Inputs (and G) exist before the step and are not counted; the gradients the step leaves in .grad "
-        "(N x H_s and V x H_s fp32) are counted; memory an implementation keeps between steps (compiled code, "
-        "a cached buffer) is not. Page granularity; only written pages count. Median over the rounds. "
+        "(N x H_s and V x H_s, the weights' dtype) are counted; memory an implementation keeps between steps "
+        "(compiled code, a cached buffer) is not. Median over the rounds. "
         f"'x N x V fp32' divides by one N x V fp32 tensor ({nv:.0f} MiB at the headline N); 'peak extra minus "
         "gradients' subtracts (N + V) x H_s x 4 bytes.",
         "The load average is read before the run (after waiting up to --max-wait-s, polling each minute, for the "

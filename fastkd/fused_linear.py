@@ -103,14 +103,34 @@ class _Side:
                 self.grad_hidden[rows] = (g.to(w.dtype) @ w).to(self.grad_hidden.dtype)
         if self.grad_weight is not None:
             # float32 accumulation across chunks: bf16 weight gradients stay within bf16 rounding.
-            acc = self.grad_weight.dtype
-            # beta=0 on the first chunk: the accumulator needs no zero-fill pass (and NaN in unset memory
-            # is ignored, as torch.addmm documents for beta=0).
-            self.grad_weight[: head.vocab].addmm_(g.to(acc).T, self.hidden[rows].to(acc),
-                                                  beta=1 if self.grad_weight_started else 0)
+            _add_matmul(self.grad_weight[: head.vocab], g.T, self.hidden[rows], first=not self.grad_weight_started)
             self.grad_weight_started = True
         if self.grad_bias is not None:
-            self.grad_bias[: head.vocab] += g.to(self.grad_bias.dtype).sum(0)
+            self.grad_bias[: head.vocab] += g.sum(0, dtype=self.grad_bias.dtype)
+
+
+# Whether this torch's CUDA addmm takes a float32 accumulator for bf16 / fp16 factors (out_dtype);
+# None until first tried.
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc += a @ b (acc = a @ b when first: beta=0 needs no zero-filled accumulator, and NaN in its
+    unset memory is ignored, as torch.addmm documents). bf16 / fp16 factors with a float32 acc: on CUDA
+    one tensor-core matmul that accumulates into acc (addmm's out_dtype) where torch has it; elsewhere
+    the factors are widened to acc's dtype first."""
+    beta = 0 if first else 1
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta)
+        return
+    if a.is_cuda and a.dtype == b.dtype and _may_write_out(a) and _MIXED_ADDMM.get("cuda", True):
+        try:
+            torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+            _MIXED_ADDMM["cuda"] = True
+            return
+        except (RuntimeError, TypeError):  # an older torch: checked before any work, acc is untouched
+            _MIXED_ADDMM["cuda"] = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
 
 
 def _may_write_out(x: torch.Tensor) -> bool:
@@ -139,12 +159,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tensor | None) -> torch.Tensor:
+def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tensor | None,
+              keep_dtype: bool) -> torch.Tensor:
     """A chunk's logits gradient without the op's float16 pre-scale, times each row's grad_output (reduction
     "none"), in the accumulation dtype. The op pre-scales float16 gradients only, so any other gradient
-    is used as it is (no pass over it) when there is no row_grad."""
+    is used as it is (no pass over it) when there is no row_grad: in its own dtype when keep_dtype (the
+    matmuls that take it accumulate in float32 anyway), else widened."""
     if grad.dtype != torch.float16 and row_grad is None:
-        return grad.to(_accumulation_dtype(grad.dtype))
+        return grad if keep_dtype else grad.to(_accumulation_dtype(grad.dtype))
     factor = 1.0 / grad_scale
     if row_grad is not None:
         factor = row_grad.reshape(-1, 1) * factor
@@ -193,7 +215,9 @@ def _run_chunks(
         for side, g, z, wanted in ((student, gs, zs, want_s), (teacher, gt, zt, want_t)):
             if not wanted:
                 continue
-            side.accumulate(head, rows, _unscaled(g, grad_scale, None if row_grad is None else row_grad[rows]), z)
+            # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
+            keep = head.softcap is None and head.logit_scale == 1.0
+            side.accumulate(head, rows, _unscaled(g, grad_scale, None if row_grad is None else row_grad[rows], keep), z)
         # Free this chunk's gradients before the next op call, so that the op's CPU allocator can hand
         # the same pages out again.
         del gs, gt, g

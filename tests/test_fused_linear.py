@@ -67,6 +67,25 @@ def test_equals_the_materialised_loss(divergence, reduction):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_equals_the_materialised_loss(dtype, divergence, reduction):
+    """The same code on CUDA (reused chunk buffers, the CUDA op): against the float64 reference."""
+    c = _case(teacher_extra=7)
+    on_gpu = {k: (v.detach().to("cuda", dtype if v.is_floating_point() else v.dtype).requires_grad_(v.requires_grad)
+                  if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    kw = dict(temperature=1.7, alpha=0.4, divergence=divergence, reduction=reduction)
+    got, got_grads = _fused(on_gpu, chunk_size=5, **dict(kw))
+    want, want_grads = _materialised(c, **dict(kw))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a.cpu().double(), b, **tol)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, None, 23])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     c = _case()
@@ -116,15 +135,24 @@ def test_dense_teacher_logits_with_a_padded_vocabulary_get_their_gradient():
     assert torch.all(g_wide[:, c["vocab"]:] == 0)
 
 
-def test_bf16_weight_gradients_are_within_bf16_rounding_of_float64():
+_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_bf16_weight_gradients_are_within_bf16_rounding_of_float64(device):
+    """bf16 factors, float32 accumulation across chunks (on CUDA through addmm's out_dtype where torch
+    has it, else widened factors)."""
     c = _case(dtype=torch.bfloat16, n=256, h_s=64, h_t=64, vocab=500, bias=False)
+    c = {k: (v.detach().to(device).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+         for k, v in c.items()}
     c64 = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
            for k, v in c.items()}
     _, (_, g_ws, _, g_wt) = _fused(c, chunk_size=50, temperature=2.0, alpha=0.5)
     _, (_, w_ws, _, w_wt) = _materialised(c64, temperature=2.0, alpha=0.5)
     for got, want in ((g_ws, w_ws), (g_wt, w_wt)):
         rel = (got.double() - want).norm() / want.norm()
-        assert rel < 1.5e-2, rel  # the logits are bf16 (8 bits): ~2 of their ulps; a peer shipped 4-23 %
+        assert got.device.type == device and rel < 1.5e-2, rel  # the logits are bf16 (8 bits): ~2 of their ulps; a peer shipped 4-23 %
 
 
 def test_module_form_equals_the_function():
