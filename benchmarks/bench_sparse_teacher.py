@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of ``fastkd.SparseTeacher`` (CPU): the distillation loss with a top-k teacher, side by side in
+"""Benchmark of ``fastkd.SparseTeacher`` (CPU or CUDA): the distillation loss with a top-k teacher, side by side in
 one process with
 
 - ``fastkd sparse (logits, renormalize)``: ``fastkd.distill_loss(s, SparseTeacher(idx, val), y)``, the K
@@ -12,6 +12,7 @@ one process with
 
     python benchmarks/bench_sparse_teacher.py                    # N=4096, V=32000, K=64, writes results
     python benchmarks/bench_sparse_teacher.py --n 64 --vocab 300 --k 8 --rounds 3 --out bench-output
+    python benchmarks/bench_sparse_teacher.py --device cuda --dtype bf16 --n 8192 --vocab 128256 --k 64
 
 Interleaved rounds (order rotated per round), medians; the helpers (load wait, RSS peak) are those of
 bench_fused_linear.py; see benchmarks/README.md.
@@ -34,7 +35,7 @@ from fastkd.bench import machine
 from fastkd.bench.memory import _reset_hwm, _rss_bytes, _trim_heap, cpu_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fused_linear import MIB, Contender, measured_step, timed_rounds, wait_for_load  # noqa: E402
+from bench_fused_linear import DTYPES, MIB, Contender, measured_step, timed_rounds, wait_for_load  # noqa: E402
 
 SPARSE = "fastkd sparse (logits, renormalize)"
 SPARSE_BUCKET = "fastkd sparse (logprobs, bucket)"
@@ -52,7 +53,8 @@ class Inputs:
     y: torch.Tensor  # (N,), ignore_frac of them -100
 
 
-def make_inputs(n: int, v: int, k: int, ignore_frac: float, seed: int) -> Inputs:
+def make_inputs(n: int, v: int, k: int, ignore_frac: float, seed: int, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
     # Logits with standard deviation about 2; the teacher correlated with the student.
     s = torch.randn(n, v, generator=gen) * 2
@@ -61,7 +63,10 @@ def make_inputs(n: int, v: int, k: int, ignore_frac: float, seed: int) -> Inputs
     lp = torch.log_softmax(t, dim=-1).gather(-1, idx)
     y = torch.randint(0, v, (n,), generator=gen)
     y[torch.randperm(n, generator=gen)[: int(round(ignore_frac * n))]] = -100
-    return Inputs(s.requires_grad_(), t, idx.contiguous(), val.contiguous(), lp.contiguous(), y)
+    def put(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, dtype if x.is_floating_point() else x.dtype).contiguous()
+
+    return Inputs(put(s).requires_grad_(), put(t), put(idx), put(val), put(lp), put(y))
 
 
 def contenders(temperature: float, alpha: float) -> list[Contender]:
@@ -78,7 +83,7 @@ def contenders(temperature: float, alpha: float) -> list[Contender]:
         return fastkd.distill_loss(x.s, x.t, x.y, **kw)
 
     def naive(x):
-        full = torch.full(x.s.shape, float("-inf"), dtype=x.val.dtype).scatter_(-1, x.idx, x.val)
+        full = torch.full(x.s.shape, float("-inf"), dtype=x.val.dtype, device=x.val.device).scatter_(-1, x.idx, x.val)
         return fastkd.distill_loss(x.s, full, x.y, **kw)
 
     return [Contender(SPARSE, sparse), Contender(SPARSE_BUCKET, sparse_bucket), Contender(DENSE, dense),
@@ -89,21 +94,27 @@ def step(c: Contender, x: Inputs) -> dict:
     def clear() -> None:
         x.s.grad = None
 
-    return measured_step(c, x, clear)
+    return measured_step(c, x, clear, x.s.device.type)
 
 
 def run_case(cs: list[Contender], x: Inputs, rounds: int, warmup: int, log) -> dict:
     """Steps of every contender; also the resident set size the process holds, beyond the inputs, after
     the warm-up (a buffer kept between steps: fastkd keeps its last freed gradient block mapped)."""
-    gc.collect()
-    _trim_heap()
-    base = _rss_bytes()
+    cuda = x.s.is_cuda
+
+    def resident() -> int:
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        _trim_heap()
+        return _rss_bytes()
+
+    base = resident()
     for c in cs:
         for _ in range(warmup):
             step(c, x)
-    gc.collect()
-    _trim_heap()
-    held = max(_rss_bytes() - base, 0) / MIB
+    held = max(resident() - base, 0) / MIB
     return timed_rounds(cs, x, rounds, step, log), held
 
 
@@ -122,8 +133,8 @@ def report(rec: dict) -> str:
     h = rec["results"]
     rt = rec["ratios"]
     lines = [
-        "# fastkd.SparseTeacher benchmark (CPU)", "",
-        f"N = {a['n']}, V = {a['vocab']}, K = {a['k']}, fp32, forward_kl, T = {a['temperature']}, alpha = "
+        f"# fastkd.SparseTeacher benchmark ({a.get('device', 'cpu').upper()})", "",
+        f"N = {a['n']}, V = {a['vocab']}, K = {a['k']}, {a.get('dtype', 'fp32')}, forward_kl, T = {a['temperature']}, alpha = "
         f"{a['alpha']}, {a['ignore_frac']:.0%} of targets = -100, reduction mean; student logits require grad. "
         f"{a['rounds']} interleaved rounds, medians. One N x V fp32 tensor = {nv:.0f} MiB.", "",
         "| implementation | fwd ms | bwd ms | fwd+bwd ms (median) | fwd+bwd ms (min) | / dense (medians) "
@@ -151,8 +162,11 @@ def report(rec: dict) -> str:
               f"- naive / sparse (bucket): {1 / rt[f'{SPARSE_BUCKET} / naive (medians)']:.2f}x on medians"]
     lines += ["", "## Loss check", ""] + [f"- {k}: {v}" for k, v in rec["loss_check"].items()]
     env = rec["environment"]
-    lines += ["", "## Machine", "",
-              f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({a['threads']})",
+    lines += ["", "## Machine", ""]
+    if "gpu_name" in env:
+        lines.append(f"- GPU: {env['gpu_name']} ({env['gpu_memory_gib']} GiB, capability {env['gpu_capability']}), "
+                     f"CUDA runtime {env['cuda_runtime']}")
+    lines += [f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({a['threads']})",
               f"- torch {env['torch']}, fastkd {env['fastkd']} ({env.get('fastkd_git_commit')}), Python "
               f"{env['python']}",
               f"- {env['platform']}; date {env['date']}",
@@ -168,6 +182,8 @@ def parse(argv):
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="of the logits")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--ignore-frac", type=float, default=0.1)
@@ -196,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = wait_for_load(a.load_limit, a.max_wait_s, log)
     load_wait_s = time.perf_counter() - w0
     args = argv if argv is not None else sys.argv[1:]
-    env = machine.environment("cpu", ["benchmarks/bench_sparse_teacher.py", *args])
+    env = machine.environment(a.device, ["benchmarks/bench_sparse_teacher.py", *args])
     env["command"] = " ".join(["python", "benchmarks/bench_sparse_teacher.py", *args])
 
-    x = make_inputs(a.n, a.vocab, a.k, a.ignore_frac, 0)
+    x = make_inputs(a.n, a.vocab, a.k, a.ignore_frac, 0, a.device, DTYPES[a.dtype])
     cs = contenders(a.temperature, a.alpha)
     results, held_mib = run_case(cs, x, a.rounds, a.warmup, log)
     sparse_l, naive_l = results[SPARSE]["loss"], results[NAIVE]["loss"]
@@ -222,9 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         "dense teacher; the allocation and the scatter are inside the timed forward. It computes the same loss as "
         "the renormalised sparse teacher (softmax over the -inf row = softmax over the K values).",
         "Peak extra memory: " + (
+            "torch.cuda.max_memory_allocated() minus memory_allocated() just before the step (peak statistics "
+            "reset there); 'held between steps' is memory_allocated() after the warm-up minus before it. "
+            if a.device == "cuda" else
             "Linux process RSS; before each step gc.collect() and glibc malloc_trim(0), then the RSS high-water "
             "mark is reset (write 5 to /proc/self/clear_refs) and VmRSS read; after the step VmHWM minus that "
-            "VmRSS. " if _reset_hwm() else cpu_method() + ". ") +
+            "VmRSS. " if _reset_hwm() else cpu_method() + ". ") + (
+        "Inputs exist before the step and are not counted (the dense teacher's N x V logits included); the "
+        "student gradient is allocated by each step (through the caching allocator) and counted. Median over "
+        "the rounds. 'x N x V fp32' divides by one N x V fp32 tensor." if a.device == "cuda" else
         "Inputs exist before the step and are not counted (the dense teacher's N x V logits included). fastkd's "
         "CPU allocator keeps its last freed gradient block (one N x V fp32) mapped and reuses it, and .grad is "
         "set to None after every step, so the student gradient is already resident before each step and is not "
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "warm-up minus RSS with only the inputs, after gc.collect() and malloc_trim(0)). What remains is memory "
         "the step allocates besides the gradient: for the naive path, the N x V -inf teacher tensor. Page "
         f"granularity; only written pages count. Median over the rounds. 'x N x V fp32' divides by one N x V "
-        f"fp32 tensor ({nv:.0f} MiB).",
+        f"fp32 tensor ({nv:.0f} MiB)."),
         f"The load average is read before the run (after waiting up to {a.max_wait_s:.0f} s, polling each minute, "
         f"for the 1-minute load to fall below {a.load_limit}) and after it. The machine is shared: absolute times "
         "move with its load, ratios measured in the same rounds are what transfer.",
@@ -244,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = a.machine or machine.machine_name("cpu") + "-sparse-teacher"
+    stem = a.machine or machine.machine_name(a.device) + "-sparse-teacher"
     (out / f"{stem}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
     (out / f"{stem}.md").write_text(text)
     log(f"wrote {out / stem}.{{json,md}}")

@@ -15,11 +15,13 @@
 #              the thread-block cluster path with the KL refinement
 #   bench      benchmarks/bench_loss.py on the headline case (N=8192, V=128256, bf16, T=2,
 #              alpha=0.5) against torch.compile and Liger; benchmarks/bench_fused_linear.py at
-#              8192 x 4096 -> 128256 bf16 against the matmuls alone and Liger; then fp32 / V=32000 /
+#              8192 x 4096 -> 128256 bf16 against the matmuls alone and Liger; the top-k teacher
+#              (K=64) against the dense teacher and scatter-to-dense; then fp32 / V=32000 /
 #              N=32768 vs eager, then every divergence at the headline shape (the generic rows
 #              kernel) vs eager
 # Logs and results go to $OUT: gpu_check.log (this output), build.log, tests.log, sanitizer.log,
-# h200.json / .md / .png, h200-fused-linear.json / .md / .png and h200-extra.md. The whole run stays
+# h200.json / .md / .png, h200-fused-linear.json / .md / .png, h200-sparse-teacher.json / .md and
+# h200-extra.md. The whole run stays
 # under 8 minutes (GPU_CHECK_BUDGET seconds, default 465).
 #
 # Liger-Kernel for the comparison (optional): put its wheel (pure Python; it needs triton, which
@@ -131,6 +133,8 @@ if ((HAS_GPU)); then
   stage bench-fused-linear 90 "$OUT/bench.log" $PY benchmarks/bench_fused_linear.py --device cuda --dtype bf16 \
     --n 8192 --h-student 4096 --h-teacher 4096 --vocab 128256 --sweep 4096,8192,16384 --rounds 5 \
     --sweep-rounds 3 --no-liger-eager --no-liger-sweep --load-limit 1e9 --out "$OUT" --machine h200-fused-linear
+  stage bench-sparse 40 "$OUT/bench.log" $PY benchmarks/bench_sparse_teacher.py --device cuda --dtype bf16 \
+    --n 8192 --vocab 128256 --k 64 --rounds 5 --load-limit 1e9 --out "$OUT" --machine h200-sparse-teacher
   stage bench-extra 50 "$OUT/bench.log" $PY benchmarks/bench_loss.py --device cuda --results-dir "$OUT" \
     --machine h200-extra --shapes 8192x128256,4096x32000,32768x128256 --dtypes bf16,fp32 --no-sweep \
     --no-compile --no-liger --repeats 5
