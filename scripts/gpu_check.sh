@@ -21,8 +21,7 @@
 #              kernel) vs eager
 # Logs and results go to $OUT: gpu_check.log (this output), build.log, tests.log, sanitizer.log,
 # h200.json / .md / .png, h200-fused-linear.json / .md / .png, h200-sparse-teacher.json / .md and
-# h200-extra.md. The whole run stays
-# under 8 minutes (GPU_CHECK_BUDGET seconds, default 465).
+# h200-extra.md. The whole run stays under 8 minutes (GPU_CHECK_BUDGET seconds, default 465).
 #
 # Liger-Kernel for the comparison (optional): put its wheel (pure Python; it needs triton, which
 # torch brings) in the git-ignored folder .whl/ at the repository root, e.g.
