@@ -1,4 +1,4 @@
-// Host-side checks and set-up shared by the CPU and CUDA implementations of fastkd::distill_forward.
+// Host-side checks and set-up shared by the CPU and CUDA implementations of the fastkd ops.
 // The Python layer validates first with friendlier messages; these checks guard direct op calls.
 #pragma once
 
@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "divergence_row.h"
+#include "sparse_row.h"
 
 namespace fastkd {
 
@@ -188,6 +189,81 @@ inline RowsCall prepare_rows_call(const at::Tensor& student, const at::Tensor& t
   call.vocab = student.size(1);
   call.float64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
   call.params = base_loss_params(temperature, label_smoothing, call.vocab, target.has_value(), call.float64);
+  return call;
+}
+
+}  // namespace fastkd
+
+namespace fastkd {
+
+using SparseOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// fastkd::sparse_distill_rows, checked and derived once. The weights are read by the backend (on its
+// device); so are the index values: the CPU checks their range and repeats on the host, CUDA asserts
+// on the device (reading them here would synchronise with the host).
+struct SparseCall {
+  LossParams params;
+  DivergenceParams divergence;
+  SparseRowConfig sparse;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  bool float64 = false;  // compute (and return the loss) in float64
+};
+
+// Logits as the kernels read them: unit stride along the vocabulary, any row stride (a vocabulary
+// slice is not copied). float64 pairs widen the other side.
+inline at::Tensor kernel_view(const at::Tensor& x, bool float64) {
+  at::Tensor v = x.stride(1) == 1 && x.stride(0) >= 0 ? x : x.contiguous();
+  return float64 && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
+}
+
+inline bool is_logit_dtype(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble;
+}
+
+inline SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& values,
+                                      const std::optional<at::Tensor>& target,
+                                      const std::optional<at::Tensor>& soft_mask, const at::Tensor& weights,
+                                      double temperature, double label_smoothing, c10::string_view divergence,
+                                      double beta, c10::string_view tail) {
+#define FASTKD_OP "fastkd::sparse_distill_rows: "
+  TORCH_CHECK_VALUE(student.dim() == 2, FASTKD_OP "student_logits must be 2-D (rows, vocab), got ", student.sizes());
+  TORCH_CHECK_VALUE(student.size(1) > 0, FASTKD_OP "the vocabulary (last dim) is empty");
+  TORCH_CHECK_TYPE(is_logit_dtype(student.scalar_type()),
+                   FASTKD_OP "student_logits must be float32, bfloat16, float16 or float64, got ",
+                   student.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.size(1) >= 1,
+                    FASTKD_OP "indices must have shape (", student.size(0), ", K >= 1), got ", indices.sizes());
+  TORCH_CHECK_VALUE(values.sizes() == indices.sizes(), FASTKD_OP "values shape ", values.sizes(),
+                    " differs from indices shape ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   FASTKD_OP "indices must be int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK_TYPE(is_logit_dtype(values.scalar_type()),
+                   FASTKD_OP "values must be float32, bfloat16, float16 or float64, got ", values.scalar_type());
+  for (const at::Tensor* x : {&indices, &values, &weights}) {
+    TORCH_CHECK(x->device() == student.device(), FASTKD_OP "an input is on ", x->device(),
+                " but student_logits is on ", student.device());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    FASTKD_OP "temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1,
+                    FASTKD_OP "label_smoothing must be in [0, 1), got ", label_smoothing);
+  TORCH_CHECK_VALUE(weights.numel() == 2 && weights.is_floating_point(),
+                    FASTKD_OP "weights must hold 2 floats (soft, hard), got ", weights.sizes());
+  TORCH_CHECK_VALUE(tail == "renormalize" || tail == "bucket",
+                    FASTKD_OP "tail must be 'renormalize' or 'bucket', got '", std::string(tail), "'");
+#undef FASTKD_OP
+  check_row_inputs("fastkd::sparse_distill_rows", student, target, soft_mask);
+  SparseCall call;
+  call.divergence = parse_divergence(divergence, beta);
+  call.rows = student.size(0);
+  call.vocab = student.size(1);
+  call.float64 = student.scalar_type() == at::kDouble || values.scalar_type() == at::kDouble;
+  call.params = base_loss_params(temperature, label_smoothing, call.vocab, target.has_value(), call.float64);
+  call.sparse.divergence = call.divergence;
+  call.sparse.inv_temperature = call.params.inv_temperature;
+  call.sparse.full_forward_kl = divergence == "forward_kl";  // jsd / skew at beta = 0 use the support rule
+  call.sparse.bucket = tail == "bucket";
   return call;
 }
 

@@ -61,6 +61,14 @@ inline double divergence_gradient_bound(const DivergenceParams& d) {
 
 inline namespace FASTKD_ISA {
 
+// The power of two a float16 gradient is stored multiplied by, from a bound on its largest entry: it
+// brings that entry near 2^12 (1 when the bound is 0 or not finite). Host and device compute it alike.
+FASTKD_HD double fp16_gradient_prescale(double bound) {
+  if (!(bound > 0) || !std::isfinite(bound)) return 1.0;
+  const int exponent = int(std::floor(std::log2(4096.0 / bound)));
+  return std::ldexp(1.0, exponent < -24 ? -24 : (exponent > 40 ? 40 : exponent));
+}
+
 // u = m / x and log(u) for a mixture m = w y + (1 - w) x of two distributions, from dc = log y - log x
 // (clamped to [-80, 80]) without cancellation: u = 1 + w expm1(dc) near dc = 0 (log1p through
 // Goldberg's log(u) * y / (u - 1), which needs only log), and u = (1 - w) + w exp(dc) for dc < -1,

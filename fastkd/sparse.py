@@ -31,8 +31,8 @@ class SparseTeacher:
 
     Args:
         indices: ``(..., K)`` int32 or int64 vocabulary indices in ``[0, V)``; the leading dimensions
-            equal the student's. A row lists an index at most once (the CPU checks this). The index of
-            a padding slot is not read.
+            equal the student's. A row lists an index at most once (checked: the CPU raises, CUDA stops
+            on a device-side assert). The index of a padding slot is not read.
         values: ``(..., K)`` float32 / bfloat16 / float16 / float64, the teacher's logits (or T = 1
             log-probabilities, ``kind="logprobs"``) at ``indices``. A value of -inf marks a padding
             slot (a row with fewer than K entries); NaN propagates to the row's loss. Must not require

@@ -1,5 +1,6 @@
-"""Small cases through every CUDA kernel path of fastkd, forward and backward: the program that
-scripts/gpu_check.sh runs under `compute-sanitizer --tool memcheck` (and a quick smoke test by itself).
+"""Small cases through every CUDA kernel path of fastkd (the sparse teacher's included), forward and
+backward: the program that scripts/gpu_check.sh runs under `compute-sanitizer --tool memcheck` (and a
+quick smoke test by itself).
 `--small` runs only a few cases, one per kernel path, for the slower racecheck and synccheck tools.
 Prints which kernel each case ran and the largest error against the float64 reference."""
 from __future__ import annotations
@@ -60,6 +61,40 @@ def run_case(rows, vocab, dtype, forced, kwargs) -> float:
     return err
 
 
+# The sparse (top-k) teacher's kernel (fastkd::sparse_distill_rows): (rows, vocab, k, dtype, tail,
+# index dtype). 700 rows: more than the grid, so blocks loop over rows; K = 300: above the block size.
+SPARSE_CASES = [
+    (700, 3001, 300, torch.bfloat16, "bucket", torch.int32),
+    (3, 4099, 16, torch.float16, "renormalize", torch.int64),
+    (4, 37, 37, torch.float64, "renormalize", torch.int64),
+]
+SMALL_SPARSE_CASES = [(20, 1000, 300, torch.float32, "bucket", torch.int32)]
+
+
+def run_sparse_case(rows, vocab, k, dtype, tail, index_dtype) -> float:
+    g = torch.Generator().manual_seed(rows + vocab + k)
+    s = torch.randn(rows, vocab, generator=g) * 3
+    t = torch.randn(rows, vocab, generator=g) * 3
+    values, indices = torch.topk(t.log_softmax(-1) if tail == "bucket" else t, k)
+    values[0, k // 2:] = float("-inf")  # padding slots, their indices junk
+    indices[0, k // 2:] = -1
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    y[-1] = -100
+    kind = "logprobs" if tail == "bucket" else "logits"
+    teacher = fastkd.SparseTeacher(indices.to("cuda", index_dtype), values.cuda(), kind=kind, tail=tail)
+    x = s.to("cuda", dtype).requires_grad_(True)
+    loss = fastkd.distill_loss(x, teacher, y.cuda(), temperature=2.0, divergence="jsd")
+    (loss * 0.5).backward()
+    x64 = x.detach().cpu().double().requires_grad_(True)
+    want = reference.distill_loss(x64, fastkd.SparseTeacher(indices, values.double(), kind=kind, tail=tail), y,
+                                  temperature=2.0, divergence="jsd")
+    (want * 0.5).backward()
+    err = (loss.double().cpu() - want).abs().item() / max(want.abs().item(), 1e-6)
+    err = max(err, ((x.grad.cpu().double() - x64.grad).abs().max() / x64.grad.abs().max().clamp_min(1e-12)).item())
+    print(f"{rows}x{vocab} k={k} {str(dtype):15s} sparse {tail:12s}: max error {err:.2e}")
+    return err
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to run")
@@ -67,6 +102,8 @@ def main() -> int:
     print(torch.cuda.get_device_name(), fastkd.build_info())
     cases = SMALL_CASES if "--small" in sys.argv[1:] else CASES
     errors = [run_case(*case) for case in cases]
+    sparse = SMALL_SPARSE_CASES if "--small" in sys.argv[1:] else SPARSE_CASES
+    errors += [run_sparse_case(*case) for case in sparse]
     g = torch.randn(4, 1000, device="cuda", dtype=torch.bfloat16)
     torch.ops.fastkd.scale_grad_(g, torch.tensor(1.0, device="cuda"))
     torch.ops.fastkd.scale_grad_(g, torch.tensor(0.5, device="cuda"))

@@ -9,7 +9,8 @@
 #   env        nvidia-smi and versions
 #   build      pip install --no-build-isolation --no-deps -e . into the current python, sm_90 only
 #   tests      pytest -m cuda (tests/test_cuda.py: float64 reference, gradcheck, opcheck, compile,
-#              CUDA graphs, ...)
+#              CUDA graphs, ...; tests/test_cuda_rows.py and tests/test_cuda_sparse.py: the distill_rows
+#              and sparse_distill_rows kernels)
 #   sanitizer  scripts/cuda_smoke.py alone, then under compute-sanitizer --tool memcheck; then
 #              racecheck (shared memory) and synccheck (barriers) on its small cases, which include
 #              the thread-block cluster path with the KL refinement

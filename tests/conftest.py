@@ -86,6 +86,31 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=tol, equal_nan=True)
 
 
+# A beta for each divergence that takes one (None: its default, or none).
+ONE_BETA = {"forward_kl": None, "reverse_kl": None, "tvd": None, "jsd": 0.5, "skew_forward_kl": 0.1,
+            "skew_reverse_kl": 0.1}
+
+
+def sparse_teacher(t: torch.Tensor, k: int, tail: str, *, index_dtype=torch.int64, pad_rows: int = 0,
+                   seed: int = 0) -> fastkd.SparseTeacher:
+    """The top-k of dense teacher logits ``t``: raw logits for tail="renormalize", T = 1 log-probs for
+    "bucket". The first ``pad_rows`` rows get -inf padding in their last slots (the first row keeps one
+    slot, so that a row can be nearly empty), their padded indices set to junk (-1), and the slots are
+    shuffled so that padding is not always last."""
+    g = torch.Generator().manual_seed(seed)
+    source = t.double().log_softmax(-1).to(t.dtype) if tail == "bucket" else t
+    values, indices = torch.topk(source, k)
+    values, indices = values.clone(), indices.clone()
+    flat_v, flat_i = values.view(-1, k), indices.view(-1, k)
+    for r in range(min(pad_rows, flat_v.shape[0])):
+        keep = 1 if r == 0 else max(1, k // 2)
+        flat_v[r, keep:] = float("-inf")
+        flat_i[r, keep:] = -1
+    perm = torch.randperm(k, generator=g)
+    return fastkd.SparseTeacher(indices[..., perm].to(index_dtype), values[..., perm],
+                                kind="logprobs" if tail == "bucket" else "logits", tail=tail)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

@@ -9,39 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_loss_close, grad_tolerance, loss_atol, make_inputs
+from conftest import ONE_BETA, assert_loss_close, grad_tolerance, loss_atol, make_inputs, sparse_teacher
 
 import fastkd
 from fastkd import SparseTeacher
 from fastkd._validation import DIVERGENCE_NAMES
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-ONE_BETA = {"forward_kl": None, "reverse_kl": None, "tvd": None, "jsd": 0.5, "skew_forward_kl": 0.1,
-            "skew_reverse_kl": 0.1}
 TAILS = ["renormalize", "bucket"]
 NINF = float("-inf")
 
 assert set(DIVERGENCE_NAMES) == set(ONE_BETA)
-
-
-def sparse_teacher(t: torch.Tensor, k: int, tail: str, *, index_dtype=torch.int64, pad_rows: int = 0,
-                   seed: int = 0) -> SparseTeacher:
-    """The top-k of dense teacher logits ``t``: raw logits for tail="renormalize", T = 1 log-probs for
-    "bucket". The first ``pad_rows`` rows get -inf padding in their last slots (the first row keeps one
-    slot, so that a row can be nearly empty), their padded indices set to junk (-1), and the slots are
-    shuffled so that padding is not always last."""
-    g = torch.Generator().manual_seed(seed)
-    source = t.double().log_softmax(-1).to(t.dtype) if tail == "bucket" else t
-    values, indices = torch.topk(source, k)
-    values, indices = values.clone(), indices.clone()
-    flat_v, flat_i = values.view(-1, k), indices.view(-1, k)
-    for r in range(min(pad_rows, flat_v.shape[0])):
-        keep = 1 if r == 0 else max(1, k // 2)
-        flat_v[r, keep:] = NINF
-        flat_i[r, keep:] = -1
-    perm = torch.randperm(k, generator=g)
-    return SparseTeacher(indices[..., perm].to(index_dtype), values[..., perm],
-                         kind="logprobs" if tail == "bucket" else "logits", tail=tail)
 
 
 def run(fn, s, teacher, y, **kw):

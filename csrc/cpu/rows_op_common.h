@@ -1,6 +1,6 @@
 // Host-side pieces shared by the CPU ops that return per-row terms (fastkd::distill_rows and
-// fastkd::sparse_distill_rows): the per-row outputs, the logits view the kernels read, the float16
-// gradient pre-scale and the target range check.
+// fastkd::sparse_distill_rows): the per-row outputs, the float16 gradient pre-scale and the target
+// range check.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,23 +19,14 @@ inline at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dt
   return dtype == at::kDouble ? out : out.to(dtype);
 }
 
-// Logits as the kernels read them: unit stride along the vocabulary, any row stride (a vocabulary
-// slice is not copied). float64 pairs widen the other side.
-inline at::Tensor kernel_view(const at::Tensor& x, bool float64) {
-  at::Tensor v = x.stride(1) == 1 && x.stride(0) >= 0 ? x : x.contiguous();
-  return float64 && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
-}
-
 // Power of two that a float16 gradient is stored multiplied by, so that entries of a loss normalised
 // by many rows are not flushed to zero before backward multiplies by grad_output (under GradScaler,
 // ~2^16): it brings the largest possible entry near 2^12. 1 for other dtypes.
 inline double fp16_prescale(bool fp16, double soft_weight, double hard_weight, double inv_t,
                             const DivergenceParams& d) {
   if (!fp16) return 1.0;
-  const double bound = std::fabs(soft_weight) * inv_t * divergence_gradient_bound(d) + 2 * std::fabs(hard_weight);
-  if (!(bound > 0) || !std::isfinite(bound)) return 1.0;
-  const int exponent = std::clamp(int(std::floor(std::log2(4096.0 / bound))), -24, 40);
-  return std::ldexp(1.0, exponent);
+  return fp16_gradient_prescale(std::fabs(soft_weight) * inv_t * divergence_gradient_bound(d) +
+                                2 * std::fabs(hard_weight));
 }
 
 // Rows whose target is not ignore_index; raises IndexError for a target outside [0, vocab).

@@ -18,7 +18,6 @@ namespace fastkd::cpu {
 namespace {
 
 using SparseKernel = void (*)(const SparseArgs&);
-using SparseOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 SparseKernel select_sparse_kernel() {
   switch (active_capability()) {
@@ -30,10 +29,6 @@ SparseKernel select_sparse_kernel() {
 #endif
     default: return sparse_rows_DEFAULT;
   }
-}
-
-bool is_logit_dtype(at::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble;
 }
 
 // Indices of the valid (non -inf) slots must lie in [0, vocab) (the kernel reads the student there)
@@ -66,37 +61,10 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
                                       double temperature, int64_t ignore_index, double label_smoothing,
                                       c10::string_view divergence, double beta, c10::string_view tail,
                                       bool student_grad) {
-#define FASTKD_OP "fastkd::sparse_distill_rows: "
-  TORCH_CHECK_VALUE(student.dim() == 2, FASTKD_OP "student_logits must be 2-D (rows, vocab), got ", student.sizes());
-  TORCH_CHECK_VALUE(student.size(1) > 0, FASTKD_OP "the vocabulary (last dim) is empty");
-  TORCH_CHECK_TYPE(is_logit_dtype(student.scalar_type()),
-                   FASTKD_OP "student_logits must be float32, bfloat16, float16 or float64, got ",
-                   student.scalar_type());
-  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.size(1) >= 1,
-                    FASTKD_OP "indices must have shape (", student.size(0), ", K >= 1), got ", indices.sizes());
-  TORCH_CHECK_VALUE(values.sizes() == indices.sizes(), FASTKD_OP "values shape ", values.sizes(),
-                    " differs from indices shape ", indices.sizes());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-                   FASTKD_OP "indices must be int32 or int64, got ", indices.scalar_type());
-  TORCH_CHECK_TYPE(is_logit_dtype(values.scalar_type()),
-                   FASTKD_OP "values must be float32, bfloat16, float16 or float64, got ", values.scalar_type());
-  for (const at::Tensor* x : {&indices, &values, &weights}) {
-    TORCH_CHECK(x->device() == student.device(), FASTKD_OP "an input is on ", x->device(),
-                " but student_logits is on ", student.device());
-  }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    FASTKD_OP "temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1,
-                    FASTKD_OP "label_smoothing must be in [0, 1), got ", label_smoothing);
-  TORCH_CHECK_VALUE(weights.numel() == 2 && weights.is_floating_point(),
-                    FASTKD_OP "weights must hold 2 floats (soft, hard), got ", weights.sizes());
-  TORCH_CHECK_VALUE(tail == "renormalize" || tail == "bucket",
-                    FASTKD_OP "tail must be 'renormalize' or 'bucket', got '", std::string(tail), "'");
-  const int64_t rows = student.size(0), vocab = student.size(1);
-  check_row_inputs("fastkd::sparse_distill_rows", student, target, soft_mask);
-#undef FASTKD_OP
-  const DivergenceParams div = parse_divergence(divergence, beta);
-  const bool float64 = student.scalar_type() == at::kDouble || values.scalar_type() == at::kDouble;
+  const SparseCall call = prepare_sparse_call(student, indices, values, target, soft_mask, weights, temperature,
+                                              label_smoothing, divergence, beta, tail);
+  const int64_t rows = call.rows, vocab = call.vocab;
+  const bool float64 = call.float64;
   const at::Tensor s = kernel_view(student, float64);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor val = values.to(at::kDouble).contiguous();  // O(rows K): the teacher is small
@@ -114,15 +82,11 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   const at::Tensor w = weights.to(at::kDouble).contiguous();
 
   SparseArgs args;
-  args.params.inv_temperature = 1.0 / temperature;
-  args.params.label_smoothing = label_smoothing;
-  args.params.vocab = vocab;
-  args.params.has_hard = target.has_value();
-  args.params.integer_temperature = temperature == 1.0 || temperature == 2.0 || temperature == 4.0 ? int(temperature) : 0;
+  args.params = call.params;
   args.params.soft_weight = w.const_data_ptr<double>()[0];
   args.params.hard_weight = w.const_data_ptr<double>()[1];
   const double prescale = fp16_prescale(student_grad && student.scalar_type() == at::kHalf, args.params.soft_weight,
-                                        args.params.hard_weight, args.params.inv_temperature, div);
+                                        args.params.hard_weight, args.params.inv_temperature, call.divergence);
   at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
   std::vector<double> row_loss(rows), row_soft(rows), row_hard(rows);
   args.student = s.const_data_ptr();
@@ -135,9 +99,7 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   args.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
   args.ignore_index = ignore_index;
   args.soft_mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  args.divergence = div;
-  args.full_forward_kl = divergence == "forward_kl";  // jsd / skew at beta = 0 use the support rule
-  args.bucket = tail == "bucket";
+  args.sparse = call.sparse;
   args.rows = rows;
   args.vocab = vocab;
   args.grad_scale = prescale;

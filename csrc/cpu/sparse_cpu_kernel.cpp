@@ -3,8 +3,9 @@
 //
 // Per row: one pass over the student row for its maximum and one that takes the exps at T (kept in
 // a row buffer, still in L2 for the gradient) and the cross-entropy's sums; the K teacher slots once,
-// in float64 (K is small); then one pass that writes the dense student gradient, proportional to
-// q_j everywhere, followed by the corrections at the K support indices and the target.
+// in float64 (K is small), through the slot math of sparse_row.h that the CUDA kernel shares; then one
+// pass that writes the dense student gradient, proportional to q_j everywhere, followed by the
+// corrections at the K support indices and the target.
 #include "cpu/sparse_cpu_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -33,29 +34,6 @@ using at::vec::Vectorized;
 
 // fp32 lanes add at most this many vectors before their sum moves into float64.
 constexpr int64_t kFlush = 16;
-constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// The Math of divergence_row.h on float64 scalars: the K (+1) classes of a sparse row.
-struct DoubleMath {
-  static double exp(double x) { return std::exp(x); }
-  static double expm1(double x) { return std::expm1(x); }
-  static double log(double x) { return std::log(x); }
-  static double abs(double x) { return std::fabs(x); }
-  static double clamp(double x, double lo, double hi) { return x != x ? x : std::min(std::max(x, lo), hi); }
-  static double where_zero(double p, double x) { return p == 0.0 ? 0.0 : x; }
-  static double where_lt(double x, double y, double a, double b) { return x < y ? a : b; }
-  static double sign(double x) { return double(x > 0) - double(x < 0); }
-};
-
-// log sum_i exp(x_i): -inf when empty or all -inf, NaN when any x_i is NaN.
-double log_sum_exp(const double* x, int64_t n) {
-  double m = -kInf;
-  for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
-  if (m == -kInf || m != m || m == kInf) return m;
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - m);
-  return m + std::log(sum);
-}
 
 template <class acc_t>
 double horizontal_sum(const Vectorized<acc_t>& v) {
@@ -119,13 +97,12 @@ class SparseRowWorker {
         exp_1_(a.params.has_hard && a.params.integer_temperature == 0 ? a.vocab : 0),
         narrow_(a.grad_student != nullptr && a.student_dtype != c10::CppTypeToScalarType<acc_t>::value ? a.vocab
                                                                                                         : 0),
-        cls_idx_(a.k + 1),
-        val_(a.k + 1),
-        lp_(a.k + 1),
-        lq_(a.k + 1),
-        qg_(a.k + 1),
-        corr_(a.k + 1),
-        saved_(a.k + 1) {}
+        cls_idx_(a.k),
+        val_(a.k),
+        lq_(a.k),
+        corr_(a.k),
+        terms_(a.k),
+        saved_(a.k) {}
 
   void run(int64_t row) {
     const int64_t vocab = a_.vocab;
@@ -159,8 +136,7 @@ class SparseRowWorker {
     double hard = 0;
     if (hard_row) {
       const double lse1 = double(shift) + std::log(sums.sum_1);
-      const double eps = a_.params.label_smoothing;
-      hard = (1 - eps) * (lse1 - double(s[y])) + eps * (lse1 - sums.sum_s / double(vocab));
+      hard = cross_entropy_term(lse1, double(s[y]), sums.sum_s, vocab, a_.params.label_smoothing);
     }
     SoftRow soft{};
     if (soft_row) soft = teacher_terms(row, s, double(shift), sums.sum_b);
@@ -265,45 +241,24 @@ class SparseRowWorker {
                             : int64_t(static_cast<const int32_t*>(a_.indices)[flat]);
   }
 
+  // The slot math of sparse_row.h over the row's valid slots (a -inf value is padding; NaN is kept
+  // and propagates).
   SoftRow teacher_terms(int64_t row, const acc_t* s, double shift, double sum_b) {
-    // The valid slots (a -inf value is padding; NaN is kept and propagates).
+    const double inv_t = a_.sparse.inv_temperature;
+    const double log_sum_b = std::log(sum_b);
+    SlotSums<double> sums;
     int64_t n = 0;
     for (int64_t k = 0; k < a_.k; ++k) {
       const double v = a_.values[row * a_.k + k];
-      if (v == -kInf) continue;
+      if (is_padding(v)) continue;
       cls_idx_[n] = index_at(row * a_.k + k);
       val_[n] = v;
+      lq_[n] = student_log_q(double(s[cls_idx_[n]]), shift, inv_t, log_sum_b);
+      sums.add(v, lq_[n], a_.sparse);
       ++n;
     }
-    const double inv_t = a_.params.inv_temperature;
-    const double log_sum_b = std::log(sum_b);
-    for (int64_t c = 0; c < n; ++c) lq_[c] = (double(s[cls_idx_[c]]) - shift) * inv_t - log_sum_b;
-    SoftRow out;
-    if (!a_.bucket && n == 0) return out;  // nothing to distil: no soft term
-    int64_t classes = n;
-    if (a_.bucket) {
-      // The tail's T = 1 log-prob log(1 - sum_k p_k), through expm1 so that a small tail keeps its
-      // digits; empty (-inf) when the listed mass reaches 1.
-      const double lse_v = log_sum_exp(val_.data(), n);
-      val_[n] = lse_v != lse_v ? lse_v : lse_v < 0 ? std::log(-std::expm1(lse_v)) : -kInf;
-      classes = n + 1;
-    }
-    for (int64_t c = 0; c < classes; ++c) lp_[c] = val_[c] * inv_t;
-    const double lse_a = log_sum_exp(lp_.data(), classes);
-    for (int64_t c = 0; c < classes; ++c) lp_[c] -= lse_a;
-    out.slots = n;
-
-    if (a_.full_forward_kl && !a_.bucket) {
-      // sum_k p_k (log p_k - log q_{i_k}), q over the whole vocabulary; dD/db = q - p.
-      for (int64_t c = 0; c < n; ++c) {
-        const double p = std::exp(lp_[c]);
-        out.soft += p == 0.0 ? 0.0 : p * (lp_[c] - lq_[c]);
-        corr_[c] = -p;
-      }
-      out.factor = 1.0;
-      return out;
-    }
-    if (a_.bucket) {
+    double lq_tail = 0;
+    if (a_.sparse.bucket) {
       // q_tail summed over the off-support entries (never 1 - sum, which loses a small tail).
       acc_t* eb = exp_b_.data();
       for (int64_t c = 0; c < n; ++c) {
@@ -312,47 +267,18 @@ class SparseRowWorker {
       }
       const double sum_off = buffer_sum(eb, a_.vocab);
       for (int64_t c = n - 1; c >= 0; --c) eb[cls_idx_[c]] = saved_[c];
-      lq_[n] = std::log(sum_off) - log_sum_b;
-    } else {
-      const double lse_q = log_sum_exp(lq_.data(), n);  // q restricted to the support, renormalised
-      for (int64_t c = 0; c < n; ++c) lq_[c] -= lse_q;
+      lq_tail = std::log(sum_off) - log_sum_b;
     }
-    out.soft = class_terms(classes);
-    if (a_.bucket) {
-      // Off the support dD/db_j = G_tail q_j / q_tail: the tail's class logit is lse of those b_j.
-      const double q_tail = std::exp(lq_[n]);
-      out.factor = q_tail > 0 ? corr_[n] / q_tail : 0.0;
-      for (int64_t c = 0; c < n; ++c) corr_[c] -= out.factor * std::exp(lq_[c]);
+    SparseRow<double> r = sparse_row(sums, a_.sparse, lq_tail);
+    if (r.empty) return {};  // nothing to distil: no soft term
+    ClassSums<double> classes;
+    for (int64_t c = 0; c < n; ++c) {
+      terms_[c] = sparse_slot_terms(r, val_[c], lq_[c]);
+      classes.add(terms_[c].e);
     }
-    return out;
-  }
-
-  // D over `classes` classes from lp_ and lq_; corr_[c] = dD/d(class logit c).
-  double class_terms(int64_t classes) {
-    switch (a_.divergence.kind) {
-      case Divergence::ReverseKL: return class_terms<Divergence::ReverseKL>(classes);
-      case Divergence::JSD: return class_terms<Divergence::JSD>(classes);
-      case Divergence::TVD: return class_terms<Divergence::TVD>(classes);
-      case Divergence::SkewForwardKL: return class_terms<Divergence::SkewForwardKL>(classes);
-      case Divergence::SkewReverseKL: return class_terms<Divergence::SkewReverseKL>(classes);
-      default: return class_terms<Divergence::ForwardKL>(classes);
-    }
-  }
-
-  template <Divergence kKind>
-  double class_terms(int64_t classes) {
-    double f = 0, sum_qg = 0;
-    for (int64_t c = 0; c < classes; ++c) {
-      const double p = std::exp(lp_[c]);
-      const double q = std::exp(lq_[c]);
-      const ElementTerms<double> e = divergence_terms<kKind, DoubleMath, double>(
-          p, q, lp_[c] - lq_[c], a_.divergence.beta, a_.divergence.one_minus_beta);
-      f += e.f;
-      sum_qg += e.qg;
-      qg_[c] = e.qg;
-    }
-    for (int64_t c = 0; c < classes; ++c) corr_[c] = qg_[c] - std::exp(lq_[c]) * sum_qg;
-    return f;
+    finish_sparse_row(r, classes);
+    for (int64_t c = 0; c < n; ++c) corr_[c] = sparse_slot_correction(r, terms_[c]);
+    return {r.soft, r.factor, n};
   }
 
   void write_gradient(int64_t row, int64_t y, bool hard_row, const SoftRow& soft, const StudentSums& sums) {
@@ -416,8 +342,9 @@ class SparseRowWorker {
   std::vector<acc_t> exp_b_;    // exp((s - shift) / T) of the current row
   std::vector<acc_t> exp_1_;    // exp(s - shift) when T is not 1, 2 or 4
   std::vector<acc_t> narrow_;   // the gradient row before narrowing to bf16 / fp16
-  std::vector<int64_t> cls_idx_;
-  std::vector<double> val_, lp_, lq_, qg_, corr_;
+  std::vector<int64_t> cls_idx_;  // the valid slots' indices, values, lq and corrections
+  std::vector<double> val_, lq_, corr_;
+  std::vector<SlotTerms<double>> terms_;
   std::vector<acc_t> saved_;
 };
 

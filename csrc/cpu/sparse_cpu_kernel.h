@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "divergence_row.h"
+#include "sparse_row.h"
 
 namespace fastkd::cpu {
 
@@ -23,11 +23,7 @@ struct SparseArgs {
   const int64_t* target = nullptr;  // null: no hard term
   int64_t ignore_index = -100;
   const bool* soft_mask = nullptr;  // null: the rows with a target, or every row without targets
-  DivergenceParams divergence;
-  // forward KL against the full-vocabulary student softmax (the usual top-k KD loss); otherwise the
-  // divergence is taken over the support's classes (plus the tail class when `bucket`).
-  bool full_forward_kl = true;
-  bool bucket = false;  // the teacher's remaining mass is one more class
+  SparseRowConfig sparse;  // the divergence, the tail and 1 / T of the slot math
   int64_t rows = 0;
   int64_t vocab = 0;
   LossParams params;

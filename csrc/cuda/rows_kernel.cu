@@ -125,11 +125,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowsKernelArgs a) {
   const double inv_t = a.inv_temperature;
   const double w_soft = a.weights[0], w_hard = a.weights[1];
   // float16 gradients: a power of two bringing the largest possible entry near 2^12 (as on the CPU).
-  double prescale = 1.0;
-  if (a.fp16_grad) {
-    const double bound = ::fabs(w_soft) * inv_t * a.gradient_bound + 2.0 * ::fabs(w_hard);
-    if (bound > 0 && ::isfinite(bound)) prescale = ::ldexp(1.0, max(-24, min(40, int(::floor(::log2(4096.0 / bound))))));
-  }
+  const double prescale =
+      a.fp16_grad ? fp16_gradient_prescale(::fabs(w_soft) * inv_t * a.gradient_bound + 2.0 * ::fabs(w_hard)) : 1.0;
   if (blockIdx.x == 0 && threadIdx.x == 0) *a.grad_scale = float(prescale);
 
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {

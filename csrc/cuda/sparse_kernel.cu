@@ -1,0 +1,261 @@
+// The CUDA kernel of fastkd::sparse_distill_rows (docs/spec.md, "Sparse (top-k) teacher"): per-row
+// terms and the dense student gradient, the teacher's K slots through the slot math of sparse_row.h
+// that the CPU kernel shares. One block per row (a grid-stride loop over rows):
+//   - the row's valid slots are marked in the block's bitmap of the vocabulary (which also checks the
+//     indices: device-side asserts, as for targets);
+//   - one pass over the student row: the log-sum-exps at T and at 1, sum s and, for tail "bucket",
+//     the log-sum-exp at T of the entries off the support (q_tail is summed, never 1 - sum);
+//   - the slots' two block reductions in float64;
+//   - one pass writing the dense gradient, then, after a barrier, each valid slot's index rewritten
+//     with its correction (one thread per slot: the indices of a row are distinct).
+// Deterministic: fixed reduction trees, no atomics on floats. The weights, the fp16 pre-scale and every
+// normaliser stay on the device: no host synchronisation.
+#include <c10/macros/Macros.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "cuda/block_reduce.cuh"
+#include "cuda/device_math.cuh"
+#include "cuda/sparse_launch.h"
+#include "sparse_row.h"
+
+namespace fastkd::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kScratchDoubles = kThreads / 32 * kReduceDoubles<SlotSums<double>>;  // the largest reduced
+
+__device__ __forceinline__ int64_t slot_index(const SparseKernelArgs& a, int64_t flat) {
+  return a.indices_int64 ? static_cast<const int64_t*>(a.indices)[flat]
+                         : int64_t(static_cast<const int32_t*>(a.indices)[flat]);
+}
+
+// Sets (or clears) the bits of the row's valid slots. Setting checks the indices as the CPU op does
+// on the host: in [0, vocab), and listed once per row (the slot corrections below rely on it). A slot
+// out of range is never marked nor read, also in builds where device asserts are off.
+__device__ void mark_support(const SparseKernelArgs& a, int64_t row, uint32_t* bits, bool set) {
+  for (int64_t c = threadIdx.x; c < a.k; c += kThreads) {
+    if (is_padding(a.values[row * a.k + c])) continue;
+    const int64_t j = slot_index(a, row * a.k + c);
+    if (set) CUDA_KERNEL_ASSERT(j >= 0 && j < a.vocab && "fastkd: SparseTeacher index out of range [0, vocab)");
+    if (j < 0 || j >= a.vocab) continue;
+    const uint32_t bit = 1u << (j & 31);
+    if (set) {
+      const uint32_t before = atomicOr(bits + (j >> 5), bit);
+      CUDA_KERNEL_ASSERT(!(before & bit) && "fastkd: SparseTeacher lists an index twice in a row");
+    } else {
+      atomicAnd(bits + (j >> 5), ~bit);
+    }
+  }
+}
+
+// The bitmap is read from L2 (where the atomics live), never from a stale L1 line.
+__device__ __forceinline__ bool on_support(const uint32_t* bits, int64_t j) {
+  return (__ldcg(bits + (j >> 5)) >> (j & 31)) & 1u;
+}
+
+template <class X>
+class SparseRowPass {
+  using acc_t = acc_of<X>;
+
+ public:
+  __device__ SparseRowPass(const SparseKernelArgs& a, int64_t row, const uint32_t* support, double prescale,
+                           double* scratch)
+      : a_(a),
+        row_(row),
+        support_(support),
+        prescale_(prescale),
+        scratch_(scratch),
+        inv_t_(a.sparse.inv_temperature),
+        s_(static_cast<const X*>(a.student) + row * a.student_row_stride),
+        g_(a.grad_student ? static_cast<X*>(a.grad_student) + row * a.vocab : nullptr),
+        y_(a.target ? a.target[row] : -1),
+        hard_row_(a.target != nullptr && y_ != a.ignore_index),
+        soft_row_(a.soft_mask ? a.soft_mask[row] : (a.target == nullptr || hard_row_)) {}
+
+  __device__ void run() {
+    const int64_t V = a_.vocab;
+    if (hard_row_) CUDA_KERNEL_ASSERT(y_ >= 0 && y_ < V && "fastkd: target out of range [0, vocab)");
+    if (!soft_row_ && !hard_row_) {  // masked: terms and gradient exactly 0
+      if (g_) {
+        for (int64_t j = threadIdx.x; j < V; j += kThreads) g_[j] = from_acc<X>(acc_t(0));
+      }
+      if (threadIdx.x == 0) a_.row_loss[row_] = a_.row_soft[row_] = a_.row_hard[row_] = 0;
+      return;
+    }
+    student_pass();
+    SparseRow<double> r;
+    r.empty = true;
+    if (soft_row_) r = teacher_terms();
+    const double soft = r.empty ? 0.0 : r.soft;
+    double hard = 0;
+    if (hard_row_) {
+      hard = cross_entropy_term(lse1_, student_at(y_), sum_s_, V, a_.label_smoothing);
+    }
+    if (threadIdx.x == 0) {
+      a_.row_soft[row_] = soft;
+      a_.row_hard[row_] = hard;
+      a_.row_loss[row_] = a_.weights[0] * soft + a_.weights[1] * hard;
+    }
+    if (g_) write_gradient(r);
+  }
+
+ private:
+  // s_j in float64; NaN for an index out of range (only reachable where device asserts are off).
+  __device__ double student_at(int64_t j) const {
+    return j >= 0 && j < a_.vocab ? double(to_acc(s_[j])) : NAN;
+  }
+
+  __device__ void student_pass() {
+    const bool tail = soft_row_ && a_.sparse.bucket;
+    LogSumExp<double> sb, s1, off;
+    double sum_s = 0;
+    for (int64_t j = threadIdx.x; j < a_.vocab; j += kThreads) {
+      const double sv = double(to_acc(s_[j]));
+      sb.add(sv, inv_t_);
+      if (hard_row_) {
+        s1.add(sv, 1.0);
+        sum_s += sv;
+      }
+      if (tail && !on_support(support_, j)) off.add(sv, inv_t_);
+    }
+    const double inv_t = inv_t_;
+    sb = block_reduce<kThreads>(sb, [inv_t](LogSumExp<double>& x, const LogSumExp<double>& o) { x.merge(o, inv_t); },
+                                scratch_);
+    // The slots' shift: the row maximum, or 0 for an all -inf row (exp(-inf - 0) = 0 keeps the sums
+    // exact, as on the CPU).
+    shift_ = sb.m == -INFINITY ? 0.0 : sb.m;
+    log_sum_b_ = sb.shifted(shift_, inv_t);
+    if (hard_row_) {
+      s1 = block_reduce<kThreads>(s1, [](LogSumExp<double>& x, const LogSumExp<double>& o) { x.merge(o, 1.0); },
+                                  scratch_);
+      lse1_ = s1.value(1.0);
+      sum_s_ = block_reduce<kThreads>(sum_s, [](double& x, const double& o) { x += o; }, scratch_);
+    }
+    if (tail) {
+      off = block_reduce<kThreads>(off, [inv_t](LogSumExp<double>& x, const LogSumExp<double>& o) { x.merge(o, inv_t); },
+                                   scratch_);
+      lq_tail_ = off.shifted(shift_, inv_t) - log_sum_b_;
+    }
+  }
+
+  // The student's full-vocabulary log q at slot c's index.
+  __device__ double slot_lq(int64_t c) const {
+    return student_log_q(student_at(slot_index(a_, row_ * a_.k + c)), shift_, inv_t_, log_sum_b_);
+  }
+
+  __device__ double slot_value(int64_t c) const { return a_.values[row_ * a_.k + c]; }
+
+  __device__ SparseRow<double> teacher_terms() {
+    SlotSums<double> sums;
+    for (int64_t c = threadIdx.x; c < a_.k; c += kThreads) {
+      const double v = slot_value(c);
+      if (!is_padding(v)) sums.add(v, slot_lq(c), a_.sparse);
+    }
+    const double inv_t = inv_t_;
+    sums = block_reduce<kThreads>(sums, [inv_t](SlotSums<double>& x, const SlotSums<double>& o) { x.merge(o, inv_t); },
+                                  scratch_);
+    SparseRow<double> r = sparse_row(sums, a_.sparse, lq_tail_);
+    if (r.empty) return r;  // nothing to distil: no soft term
+    ClassSums<double> classes;
+    for (int64_t c = threadIdx.x; c < a_.k; c += kThreads) {
+      const double v = slot_value(c);
+      if (!is_padding(v)) classes.add(sparse_slot_terms(r, v, slot_lq(c)).e);
+    }
+    classes = block_reduce<kThreads>(classes, [](ClassSums<double>& x, const ClassSums<double>& o) { x.merge(o); },
+                                     scratch_);
+    finish_sparse_row(r, classes);
+    return r;
+  }
+
+  __device__ void write_gradient(const SparseRow<double>& r) {
+    const int64_t V = a_.vocab;
+    const double eps = a_.label_smoothing;
+    const double cs = r.empty ? 0.0 : a_.weights[0] * prescale_ * inv_t_;
+    const double ch = hard_row_ ? a_.weights[1] * prescale_ : 0.0;
+    const double coef_q = cs * r.factor;
+    // The dense part: factor * q_j of the soft term, and the cross-entropy's softmax - target.
+    auto dense = [&](int64_t j, double sv) {
+      double g = cs == 0.0 ? 0.0 : coef_q * ::exp(student_log_q(sv, shift_, inv_t_, log_sum_b_));
+      if (ch != 0.0) g += ch * (::exp(sv - lse1_) - eps / double(V) - (j == y_ ? 1.0 - eps : 0.0));
+      return g;
+    };
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) g_[j] = from_acc<X>(acc_t(dense(j, double(to_acc(s_[j])))));
+    if (cs == 0.0) return;
+    // The slots' entries are rewritten whole (dense part plus correction, rounded once) after every
+    // dense write of this row: the barrier orders the two writes of an index.
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < a_.k; c += kThreads) {
+      const double v = slot_value(c);
+      const int64_t j = slot_index(a_, row_ * a_.k + c);
+      if (is_padding(v) || j < 0 || j >= V) continue;
+      const double lq = slot_lq(c);
+      const double corr = sparse_slot_correction(r, sparse_slot_terms(r, v, lq));
+      g_[j] = from_acc<X>(acc_t(dense(j, double(to_acc(s_[j]))) + cs * corr));
+    }
+  }
+
+  const SparseKernelArgs& a_;
+  const int64_t row_;
+  const uint32_t* support_;
+  const double prescale_;
+  double* scratch_;
+  const double inv_t_;
+  const X* s_;
+  X* g_;
+  const int64_t y_;
+  const bool hard_row_, soft_row_;
+  double shift_ = 0, log_sum_b_ = 0, lse1_ = 0, sum_s_ = 0, lq_tail_ = 0;
+};
+
+template <class X>
+__global__ void __launch_bounds__(kThreads) sparse_kernel(SparseKernelArgs a) {
+  __shared__ double scratch[kScratchDoubles];
+  // float16 gradients: a power of two bringing the largest possible entry near 2^12 (as on the CPU).
+  const double prescale =
+      a.fp16_grad ? fp16_gradient_prescale(::fabs(a.weights[0]) * a.sparse.inv_temperature * a.gradient_bound +
+                                           2.0 * ::fabs(a.weights[1]))
+                  : 1.0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.grad_scale = float(prescale);
+  uint32_t* support = a.support + int64_t(blockIdx.x) * sparse_support_words(a.vocab);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    mark_support(a, row, support, true);
+    __syncthreads();
+    SparseRowPass<X>(a, row, support, prescale, scratch).run();
+    __syncthreads();  // the bitmap is read, and the slot corrections are written, before it is cleared
+    mark_support(a, row, support, false);
+    __syncthreads();  // cleared before the next row marks its own
+  }
+}
+
+using SparseKernel = void (*)(SparseKernelArgs);
+
+SparseKernel kernel_for(DType dtype) {
+  switch (dtype) {
+    case DType::BFloat16: return sparse_kernel<__nv_bfloat16>;
+    case DType::Half: return sparse_kernel<__half>;
+    case DType::Double: return sparse_kernel<double>;
+    default: return sparse_kernel<float>;
+  }
+}
+
+}  // namespace
+
+int64_t sparse_grid_blocks(DType dtype, int64_t rows, int sm_count) {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(dtype), kThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();  // the launch reports the cause (e.g. no kernel image for this GPU)
+    per_sm = 1;
+  }
+  const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * (sm_count > 0 ? sm_count : 1);
+  return rows < resident ? rows : resident;
+}
+
+void launch_sparse_kernel(const SparseKernelArgs& a, cudaStream_t stream) {
+  if (a.rows <= 0 || a.blocks <= 0) return;
+  kernel_for(a.dtype)<<<unsigned(a.blocks), kThreads, 0, stream>>>(a);
+}
+
+}  // namespace fastkd::cuda
