@@ -13,12 +13,10 @@
 //
 // Math supplies, for the value type V (a scalar or a SIMD vector): exp, expm1, log, abs,
 // where_lt(x, y, a, b) (a where x < y else b), where_zero(p, x) (0 where p == 0 else x),
-// clamp(x, lo, hi) and sign(x); optionally exp_expm1(x, e, em1), both from one evaluation.
+// clamp(x, lo, hi) and sign(x).
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
-#include <utility>
 
 #include "distill_row.h"
 
@@ -79,31 +77,11 @@ struct Mixture {
   V log_ratio;  // log(m / x)
 };
 
-template <class Math, class V, class = void>
-struct HasExpExpm1 : std::false_type {};
-template <class Math, class V>
-struct HasExpExpm1<Math, V, std::void_t<decltype(Math::exp_expm1(std::declval<const V&>(), std::declval<V&>(),
-                                                                 std::declval<V&>()))>> : std::true_type {};
-
-// exp(x) and expm1(x): from one range reduction where Math has it (a vector exp costs as much as the
-// rest of a mixture's element), else two calls.
-template <class Math, class V>
-FASTKD_HD void exp_and_expm1(V x, V& e, V& em1) {
-  if constexpr (HasExpExpm1<Math, V>::value) {
-    Math::exp_expm1(x, e, em1);
-  } else {
-    e = Math::exp(x);
-    em1 = Math::expm1(x);
-  }
-}
-
 template <class Math, class V>
 FASTKD_HD Mixture<Math, V> mixture(V dc, V w, V w_bar) {
   const V one(1);
-  V e_dc, em1_dc;
-  exp_and_expm1<Math>(dc, e_dc, em1_dc);
-  const V far = w_bar + w * e_dc;
-  const V w_em1 = w * em1_dc;
+  const V far = w_bar + w * Math::exp(dc);
+  const V w_em1 = w * Math::expm1(dc);
   const V u = Math::where_lt(dc, V(-1), far, one + w_em1);
   const V y = Math::where_lt(dc, V(-1), u - one, w_em1);
   const V u_minus_one = u - one;

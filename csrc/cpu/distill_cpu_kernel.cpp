@@ -38,7 +38,6 @@ struct VecMath {
   using V = Vectorized<acc_t>;
   static V exp(const V& x) { return fast_exp(x); }
   static V expm1(const V& x) { return fast_expm1(x); }
-  static void exp_expm1(const V& x, V& e, V& em1) { fast_exp_expm1(x, e, em1); }
   static V log(const V& x) { return fast_log(x); }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // propagates NaN

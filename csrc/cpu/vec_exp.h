@@ -6,8 +6,7 @@
 // Inputs below ln(FLT_MIN) give 0 (so exp(-inf) == 0 exactly), NaN stays NaN. The kernel only
 // calls it with x <= 0 (everything is max-shifted), so overflow handling is a clamp.
 // expm1 reuses the same reduction: exp(r) - 1 = r + r^2 P(r) with no cancellation when n == 0
-// (|x| < ln(2)/2), and 2^n exp(r) - 1 otherwise, where the subtraction loses nothing material;
-// fast_exp_expm1 returns both from one reduction.
+// (|x| < ln(2)/2), and 2^n exp(r) - 1 otherwise, where the subtraction loses nothing material.
 // Include inside the ISA namespace of the including translation unit.
 #pragma once
 
@@ -77,21 +76,6 @@ inline at::vec::Vectorized<float> fast_expm1(const at::vec::Vectorized<float>& x
                            _mm512_set1_ps(-1.0f));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x_in, x_in, _CMP_UNORD_Q), y, x_in);
 }
-// exp(x) and expm1(x) from one reduction (the mixtures of divergence_row.h need both).
-inline void fast_exp_expm1(const at::vec::Vectorized<float>& xv, at::vec::Vectorized<float>& e,
-                           at::vec::Vectorized<float>& em1) {
-  const __m512 x_in = xv;
-  __m512 two_n, pm1, n;
-  exp_parts(x_in, two_n, pm1, n);
-  const __mmask16 under = _mm512_cmp_ps_mask(x_in, _mm512_set1_ps(vec_exp_detail::kMinArg), _CMP_LT_OQ);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x_in, x_in, _CMP_UNORD_Q);
-  const __m512 y = _mm512_fmadd_ps(pm1, two_n, two_n);
-  __m512 ym1 = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_EQ_OQ),
-                                    _mm512_sub_ps(y, _mm512_set1_ps(1.0f)), pm1);
-  ym1 = _mm512_mask_blend_ps(under, ym1, _mm512_set1_ps(-1.0f));
-  e = _mm512_mask_blend_ps(nan, _mm512_mask_blend_ps(under, y, _mm512_setzero_ps()), x_in);
-  em1 = _mm512_mask_blend_ps(nan, ym1, x_in);
-}
 // log(x) for normal x > 0, +inf at +inf, -inf at 0, NaN for x < 0 or NaN (subnormal x: inexact).
 inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& xv) {
   using namespace vec_exp_detail;
@@ -155,21 +139,6 @@ inline at::vec::Vectorized<float> fast_expm1(const at::vec::Vectorized<float>& x
                        _mm256_cmp_ps(x_in, _mm256_set1_ps(vec_exp_detail::kMinArg), _CMP_LT_OQ));
   return _mm256_blendv_ps(y, x_in, _mm256_cmp_ps(x_in, x_in, _CMP_UNORD_Q));
 }
-// exp(x) and expm1(x) from one reduction (the mixtures of divergence_row.h need both).
-inline void fast_exp_expm1(const at::vec::Vectorized<float>& xv, at::vec::Vectorized<float>& e,
-                           at::vec::Vectorized<float>& em1) {
-  const __m256 x_in = xv;
-  __m256 two_n, pm1, n;
-  exp_parts(x_in, two_n, pm1, n);
-  const __m256 under = _mm256_cmp_ps(x_in, _mm256_set1_ps(vec_exp_detail::kMinArg), _CMP_LT_OQ);
-  const __m256 nan = _mm256_cmp_ps(x_in, x_in, _CMP_UNORD_Q);
-  const __m256 y = _mm256_fmadd_ps(pm1, two_n, two_n);
-  __m256 ym1 = _mm256_blendv_ps(_mm256_sub_ps(y, _mm256_set1_ps(1.0f)), pm1,
-                                _mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_EQ_OQ));
-  ym1 = _mm256_blendv_ps(ym1, _mm256_set1_ps(-1.0f), under);
-  e = _mm256_blendv_ps(_mm256_blendv_ps(y, _mm256_setzero_ps(), under), x_in, nan);
-  em1 = _mm256_blendv_ps(ym1, x_in, nan);
-}
 // log(x) for normal x > 0, +inf at +inf, -inf at 0, NaN for x < 0 or NaN (subnormal x: inexact).
 inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& xv) {
   using namespace vec_exp_detail;
@@ -199,18 +168,8 @@ inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& xv)
 inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) { return x.exp(); }
 inline at::vec::Vectorized<float> fast_expm1(const at::vec::Vectorized<float>& x) { return x.expm1(); }
 inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& x) { return x.log(); }
-inline void fast_exp_expm1(const at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& e,
-                           at::vec::Vectorized<float>& em1) {
-  e = x.exp();
-  em1 = x.expm1();
-}
 #endif
 
 inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 inline at::vec::Vectorized<double> fast_expm1(const at::vec::Vectorized<double>& x) { return x.expm1(); }
 inline at::vec::Vectorized<double> fast_log(const at::vec::Vectorized<double>& x) { return x.log(); }
-inline void fast_exp_expm1(const at::vec::Vectorized<double>& x, at::vec::Vectorized<double>& e,
-                           at::vec::Vectorized<double>& em1) {
-  e = x.exp();
-  em1 = x.expm1();
-}
