@@ -76,8 +76,10 @@ def assert_loss_close(actual: torch.Tensor, expected: torch.Tensor, atol: float,
 
 def grad_atol(s: torch.Tensor, t: torch.Tensor, temperature: float, alpha: float) -> float:
     """Absolute error floor of an fp32 gradient: the soft gradients are alpha * c / T * p * (d - E_p[d]),
-    and d = (t - s) / T is known to fp32 resolution only."""
-    return 2.4e-7 * max_abs_d(s, t, temperature) * alpha * max(temperature, 1.0 / temperature)
+    and d = (t - s) / T is known to fp32 resolution only; and they are alpha T (q - p) with q and p
+    each rounded to fp32 (one ulp of a probability, times alpha T: the README's 2e-7 c / T floor)."""
+    return (2.4e-7 * max_abs_d(s, t, temperature) * alpha * max(temperature, 1.0 / temperature)
+            + 1.2e-7 * alpha * temperature)
 
 
 def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, floor: float = 0.0):
