@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 
+#include "cuda/aten_dtype.h"
 #include "cuda/launch.h"
 #include "distill_op.h"
 
@@ -24,15 +25,6 @@ namespace {
 
 std::atomic<const char*> g_last_kernel{"none"};
 std::atomic<int> g_last_cluster{0};
-
-DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Half;
-    case at::kDouble: return DType::Double;
-    default: return DType::Float;
-  }
-}
 
 // FASTKD_CUDA_KERNEL=stream|resident forces a kernel (tests, benchmarks); read on every call.
 KernelChoice kernel_choice() {
@@ -145,7 +137,7 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
 
   if (rows > 0) {
     DistillLaunch a;
-    a.dtype = dtype_of(compute);
+    a.dtype = kernel_dtype(compute);
     a.student = s.const_data_ptr();
     a.teacher = t.const_data_ptr();
     a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
@@ -203,7 +195,7 @@ void scale_grad_cuda_(at::Tensor& grad, const at::Tensor& grad_output) {
     return;
   }
   const int64_t rows = per_row ? grad.size(0) : 1;
-  launch_scale_grad(grad.data_ptr(), dtype_of(grad.scalar_type()), rows, grad.numel() / rows, go.const_data_ptr(),
+  launch_scale_grad(grad.data_ptr(), kernel_dtype(grad.scalar_type()), rows, grad.numel() / rows, go.const_data_ptr(),
                     per_row, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -5,20 +5,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/aten_dtype.h"
 #include "cuda/rows_launch.h"
 #include "distill_op.h"
 
 namespace fastkd::cuda {
 namespace {
-
-DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Half;
-    case at::kDouble: return DType::Double;
-    default: return DType::Float;
-  }
-}
 
 // Unit stride along the vocabulary, any row stride (a vocabulary slice is read in place).
 at::Tensor rows_view(const at::Tensor& x, at::ScalarType compute) {

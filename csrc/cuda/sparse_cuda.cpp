@@ -11,20 +11,12 @@
 
 #include <algorithm>
 
+#include "cuda/aten_dtype.h"
 #include "cuda/sparse_launch.h"
 #include "distill_op.h"
 
 namespace fastkd::cuda {
 namespace {
-
-DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Half;
-    case at::kDouble: return DType::Double;
-    default: return DType::Float;
-  }
-}
 
 int multiprocessors(int device) {
   int sms = 0;
