@@ -15,7 +15,7 @@
 #include <mutex>
 #include <string>
 
-#include "cuda/aten_dtype.h"
+#include "cuda/op_glue.h"
 #include "cuda/launch.h"
 #include "distill_op.h"
 

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/aten_dtype.h"
+#include "cuda/op_glue.h"
 #include "cuda/rows_launch.h"
 #include "distill_op.h"
 
@@ -36,12 +36,9 @@ RowsOutputs distill_rows_cuda(const at::Tensor& student, const at::Tensor& teach
   }
   const at::Tensor s = rows_view(student, compute);
   const at::Tensor t = rows_view(teacher, compute);
-  const at::Tensor y = target.has_value() ? target->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor mask = soft_mask.has_value() ? soft_mask->contiguous() : at::Tensor();
-  const at::Tensor w = weights.to(at::kDouble).contiguous();
-  const auto f64 = student.options().dtype(at::kDouble);
-  const at::Tensor row_loss = at::empty({call.rows}, f64), row_soft = at::empty({call.rows}, f64),
-                   row_hard = at::empty({call.rows}, f64);
+  const RowBuffers b = row_buffers(student, target, soft_mask, weights, call.rows);
+  const at::Tensor &y = b.target, &mask = b.soft_mask, &w = b.weights;
+  const at::Tensor &row_loss = b.row_loss, &row_soft = b.row_soft, &row_hard = b.row_hard;
   at::Tensor grad_s = student_grad ? at::empty({call.rows, call.vocab}, s.options()) : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad ? at::empty({call.rows, call.vocab}, t.options()) : at::empty({0}, teacher.options());
   at::Tensor grad_scale = at::ones({}, student.options().dtype(at::kFloat));

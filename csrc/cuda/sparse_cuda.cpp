@@ -11,7 +11,7 @@
 
 #include <algorithm>
 
-#include "cuda/aten_dtype.h"
+#include "cuda/op_glue.h"
 #include "cuda/sparse_launch.h"
 #include "distill_op.h"
 
@@ -37,12 +37,9 @@ SparseOutputs sparse_distill_rows_cuda(const at::Tensor& student, const at::Tens
   const at::Tensor s = kernel_view(student, call.float64);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor val = values.to(at::kDouble).contiguous();  // O(rows K): the teacher is small
-  const at::Tensor y = target.has_value() ? target->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor mask = soft_mask.has_value() ? soft_mask->contiguous() : at::Tensor();
-  const at::Tensor w = weights.to(at::kDouble).contiguous();
-  const auto f64 = student.options().dtype(at::kDouble);
-  const at::Tensor row_loss = at::empty({call.rows}, f64), row_soft = at::empty({call.rows}, f64),
-                   row_hard = at::empty({call.rows}, f64);
+  const RowBuffers b = row_buffers(student, target, soft_mask, weights, call.rows);
+  const at::Tensor &y = b.target, &mask = b.soft_mask, &w = b.weights;
+  const at::Tensor &row_loss = b.row_loss, &row_soft = b.row_soft, &row_hard = b.row_hard;
   at::Tensor grad_s = student_grad ? at::empty({call.rows, call.vocab}, s.options()) : at::empty({0}, student.options());
   at::Tensor grad_scale = at::ones({}, student.options().dtype(at::kFloat));
   // Each block holds a bitmap of the vocabulary (its row's support), zero between rows.
