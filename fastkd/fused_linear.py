@@ -10,6 +10,9 @@ gradient too.
 """
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -160,12 +163,12 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tensor | None,
-              keep_dtype: bool) -> torch.Tensor:
+              keep_dtype: bool, prescaled: bool) -> torch.Tensor:
     """A chunk's logits gradient without the op's float16 pre-scale, times each row's grad_output (reduction
-    "none"), in the accumulation dtype. The op pre-scales float16 gradients only, so any other gradient
-    is used as it is (no pass over it) when there is no row_grad: in its own dtype when keep_dtype (the
-    matmuls that take it accumulate in float32 anyway), else widened."""
-    if grad.dtype != torch.float16 and row_grad is None:
+    "none"), in the accumulation dtype. The op pre-scales both of its gradients when either is float16
+    (``prescaled``); otherwise, without row_grad, the gradient is used as it is (no pass over it): in its
+    own dtype when keep_dtype (the matmuls that take it accumulate in float32 anyway), else widened."""
+    if not prescaled and row_grad is None:
         return grad if keep_dtype else grad.to(_accumulation_dtype(grad.dtype))
     factor = 1.0 / grad_scale
     if row_grad is not None:
@@ -212,12 +215,16 @@ def _run_chunks(
         loss_rows.append(loss)
         soft_rows.append(soft)
         hard_rows.append(hard)
+        # The op's grad_scale multiplies both gradients when either wanted one is float16.
+        prescaled = any(wanted and g is not None and g.dtype == torch.float16
+                        for g, wanted in ((gs, want_s), (gt, want_t)))
+        # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
+        keep = head.softcap is None and head.logit_scale == 1.0
         for side, g, z, wanted in ((student, gs, zs, want_s), (teacher, gt, zt, want_t)):
             if not wanted:
                 continue
-            # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
-            keep = head.softcap is None and head.logit_scale == 1.0
-            side.accumulate(head, rows, _unscaled(g, grad_scale, None if row_grad is None else row_grad[rows], keep), z)
+            rg = None if row_grad is None else row_grad[rows]
+            side.accumulate(head, rows, _unscaled(g, grad_scale, rg, keep, prescaled), z)
         # Free this chunk's gradients before the next op call, so that the op's CPU allocator can hand
         # the same pages out again.
         del gs, gt, g
@@ -237,7 +244,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         student = _Side(s_hidden, s_weight, s_bias, None)
         teacher = _Side(t_hidden, t_weight, t_bias, t_logits)
         per_row = cfg["reduction"] == "none"
-        needs = ctx.needs_input_grad[1:]
+        # Under no_grad / inference_mode (evaluation) no gradient is computed, whatever requires grad.
+        needs = ctx.needs_input_grad[1:] if cfg["grad_enabled"] else (False,) * 7
         if not per_row and any(needs):
             _allocate_grads(student, teacher, needs, head.vocab)
         loss_rows, soft_rows, hard_rows = _run_chunks(
@@ -259,9 +267,11 @@ class _FusedLinearDistill(torch.autograd.Function):
             student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], inputs[6])
             cfg = ctx.cfg
             _allocate_grads(student, teacher, ctx.needs_input_grad[1:], cfg["head"].vocab)
-            _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
-                        cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
+            with torch.no_grad():  # closed-form gradients, also under create_graph=True (refused below)
+                _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
+                            cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
             grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
+            grads = _refusing_double_backward(grads)
         else:
             if ctx.grads is None:
                 raise RuntimeError("Trying to backward through the fused linear distillation loss a second time: "
@@ -279,7 +289,17 @@ class _FusedLinearDistill(torch.autograd.Function):
             else:
                 grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
                          for g in grads]
+            grads = _refusing_double_backward(grads)
         return (None, *grads)
+
+
+def _refusing_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Under create_graph=True, gradients that raise when differentiated (they are computed in closed
+    form, without a graph of their own); as they are otherwise."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    anchor = torch.zeros((), requires_grad=True)  # puts them in the graph even for a constant grad_output
+    return [None if g is None else ops._NoDoubleBackward.apply(g, anchor) for g in grads]
 
 
 def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...], vocab: int) -> None:
@@ -324,6 +344,12 @@ def _check_head_args(
     if student_weight.dim() != 2 or student_hidden.dim() < 1:
         raise ValueError(f"student_weight must be (V, H) and student_hidden (..., H), got {tuple(student_weight.shape)} "
                          f"and {tuple(student_hidden.shape)}")
+    for side, hidden, weight in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
+        # Under autocast the matmul casts both; otherwise they must agree, as torch's matmul requires.
+        if (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor) and hidden.dtype != weight.dtype
+                and not torch.is_autocast_enabled(hidden.device.type)):
+            raise TypeError(f"{side}_hidden is {hidden.dtype} but {side}_weight is {weight.dtype}: they must have "
+                            "the same dtype (or run under torch.autocast)")
     if student_hidden.shape[-1] != student_weight.shape[1]:
         raise ValueError(f"student_hidden has H = {student_hidden.shape[-1]} but student_weight is "
                          f"{tuple(student_weight.shape)} (V, H): the hidden sizes must match")
@@ -349,6 +375,8 @@ def _check_head_args(
         if not isinstance(teacher_logits, torch.Tensor):
             raise TypeError("teacher_logits must be a torch.Tensor or a fastkd.SparseTeacher, got "
                             f"{type(teacher_logits).__name__}")
+        if not teacher_logits.is_floating_point():
+            raise TypeError(f"teacher_logits must be a floating-point tensor, got {teacher_logits.dtype}")
         if teacher_logits.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must have the rows of student_hidden "
                              f"{tuple(student_hidden.shape)} (leading dimensions)")
@@ -358,6 +386,8 @@ def _check_head_args(
         if bias is not None and (weight_vocab is None or tuple(bias.shape) != (weight_vocab,)):
             raise ValueError(f"{name} must have shape ({weight_vocab},), got {tuple(bias.shape)}")
     smallest = min(vocabs.values())
+    if isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool):
+        vocab_size = int(vocab_size)  # numpy and torch integers too
     if vocab_size is None:
         if len(set(vocabs.values())) > 1:
             larger = max(vocabs, key=vocabs.get)
@@ -370,12 +400,14 @@ def _check_head_args(
     if not isinstance(vocab_size, int) or not 0 < vocab_size <= smallest:
         raise ValueError(f"vocab_size must be an int in [1, {smallest}] (the smallest vocabulary given), "
                          f"got {vocab_size!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
-    if not isinstance(logit_scale, (int, float)) or logit_scale == 0:
-        raise ValueError(f"logit_scale must be a non-zero float, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite float > 0, or None, got {softcap!r}")
+    if (isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not math.isfinite(logit_scale)
+            or logit_scale == 0):
+        raise ValueError(f"logit_scale must be a finite non-zero float, got {logit_scale!r}")
     return vocab_size
 
 
@@ -386,7 +418,7 @@ def fused_linear_distill_loss(
     *,
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | SparseTeacher | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     logit_scale: float = 1.0,
@@ -421,7 +453,8 @@ def fused_linear_distill_loss(
         student_weight: ``(V_s, H_s)`` lm_head weight; ``student_bias``: ``(V_s,)`` or None.
         target: ``(...)`` integer classes or ``ignore_index`` (already shifted for causal LMs).
         teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V_t, H_t)``, ``(V_t,)``.
-        teacher_logits: ``(..., V_t)`` instead of the teacher's head.
+        teacher_logits: ``(..., V_t)`` instead of the teacher's head, or a :class:`fastkd.SparseTeacher`
+            (a ``torch.topk`` result too): the teacher's top-k entries, never densified.
         logit_scale, softcap: the head's output scaling and soft cap (both heads).
         vocab_size: use only the first ``vocab_size`` rows of each weight / entries of dense teacher
             logits (a teacher vocabulary padded beyond the student's); required when they differ.
@@ -456,8 +489,8 @@ def fused_linear_distill_loss(
     )
     head = _Head(vocab, float(logit_scale), None if softcap is None else float(softcap))
     cfg = dict(
-        head=head, target=y, soft_mask=mask, weights=weights, reduction=reduction,
-        chunk_size=chunk_size or _default_chunk_size(vocab, student_hidden.element_size(), student_hidden.device.type),
+        head=head, target=y, soft_mask=mask, weights=weights, reduction=reduction, grad_enabled=torch.is_grad_enabled(),
+        chunk_size=int(chunk_size) if chunk_size else _default_chunk_size(vocab, student_hidden.element_size(), student_hidden.device.type),
         kw=dict(temperature=float(temperature), ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
                 divergence=divergence, beta=float(beta)),
     )
@@ -492,6 +525,12 @@ class FusedLinearDistillLoss(torch.nn.Module):
         bad = sorted(set(loss_kwargs) & tensor_args)
         if bad:
             raise TypeError(f"{', '.join(bad)} go to forward(), not __init__()")
+        known = set(inspect.signature(fused_linear_distill_loss).parameters) - tensor_args - {
+            "student_hidden", "student_weight", "target", "return_terms"}
+        unknown = sorted(set(loss_kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown keyword argument(s) {', '.join(unknown)}; the loss keywords are "
+                            f"{', '.join(sorted(known))}")
         self.loss_kwargs = loss_kwargs
 
     def forward(

@@ -110,8 +110,9 @@ class _NoDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad, _anchor=None):
         raise RuntimeError(
-            "fastkd.distill_loss does not support double backward (a gradient of its gradient, "
-            "create_graph=True); use fastkd.reference.distill_loss for that"
+            "fastkd's fused losses (distill_loss, fused_linear_distill_loss) do not support double backward "
+            "(a gradient of their gradient, create_graph=True); use fastkd.reference.distill_loss on the "
+            "logits for that"
         )
 
 

@@ -204,11 +204,18 @@ def test_chunk_logits_buffers_are_reused():
     ("kwargs", "match"),
     [
         (dict(teacher_hidden=None, teacher_weight=None), "exactly one"),
-        (dict(teacher_weight=torch.randn(97, 7)), "hidden sizes must match"),
-        (dict(vocab_size=None, teacher_weight=torch.randn(120, 20)), "vocab_size=97"),
+        (dict(teacher_weight=torch.randn(97, 7, dtype=torch.float64)), "hidden sizes must match"),
+        (dict(vocab_size=None, teacher_weight=torch.randn(120, 20, dtype=torch.float64)), "vocab_size=97"),
         (dict(vocab_size=98), r"vocab_size must be an int in \[1, 97\]"),
         (dict(chunk_size=0), "chunk_size must be a positive int"),
-        (dict(softcap=0.0), "softcap must be > 0"),
+        (dict(softcap=0.0), "softcap must be a finite float > 0"),
+        (dict(softcap=float("inf")), "softcap must be a finite float > 0"),
+        (dict(logit_scale=float("nan")), "logit_scale must be a finite non-zero float"),
+        (dict(chunk_size=True), "chunk_size must be a positive int"),
+        (dict(teacher_weight=torch.randn(97, 20, dtype=torch.float32)), "teacher_hidden is torch.float64 but "
+                                                                         "teacher_weight is torch.float32"),
+        (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.zeros(23, 97, dtype=torch.long)),
+         "teacher_logits must be a floating-point tensor"),
         (dict(divergence="kl"), "divergence must be one of"),
     ],
 )
@@ -324,3 +331,71 @@ def test_backward_scales_and_survives_retain_graph():
     torch.testing.assert_close(ws3, 3 * ws1)
     torch.testing.assert_close(hs_twice, 3 * hs1)
     torch.testing.assert_close(ws_twice, 3 * ws1)
+
+
+def test_numpy_integers_are_accepted_for_sizes():
+    np = pytest.importorskip("numpy")
+    c = _case()
+    a = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"],
+                                         vocab_size=np.int64(c["vocab"]), chunk_size=np.int32(5))
+    b = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"],
+                                         vocab_size=c["vocab"], chunk_size=5)
+    assert torch.equal(a, b)
+
+
+def test_module_rejects_unknown_keywords_at_construction():
+    with pytest.raises(TypeError, match="unknown keyword argument.*temprature"):
+        fastkd.FusedLinearDistillLoss(temprature=2.0)
+
+
+@pytest.mark.parametrize("fp16_side", ["student", "teacher"])
+def test_online_teacher_of_another_dtype_than_a_float16_student(fp16_side):
+    """One side float16, the other float32, both heads trained: the op pre-scales both gradients
+    (either is float16), and both must come back unscaled."""
+    g = torch.Generator().manual_seed(3)
+    n, h, vocab = 16, 8, 60
+    dtypes = {"student": torch.float32, "teacher": torch.float32, fp16_side: torch.float16}
+    hs = torch.randn(n, h, generator=g).to(dtypes["student"]).requires_grad_()
+    ws = (torch.randn(vocab, h, generator=g) * 0.3).to(dtypes["student"]).requires_grad_()
+    ht = torch.randn(n, h, generator=g).to(dtypes["teacher"]).requires_grad_()
+    wt = (torch.randn(vocab, h, generator=g) * 0.3).to(dtypes["teacher"]).requires_grad_()
+    y = torch.randint(0, vocab, (n,), generator=g)
+    loss = fastkd.fused_linear_distill_loss(hs, ws, y, teacher_hidden=ht, teacher_weight=wt, temperature=2.0,
+                                            chunk_size=5)
+    got = torch.autograd.grad(loss, [hs, ws, ht, wt])
+    x64 = [t.detach().double().requires_grad_() for t in (hs, ws, ht, wt)]
+    want_loss = fastkd.reference.distill_loss(x64[0] @ x64[1].T, x64[2] @ x64[3].T, y, temperature=2.0)
+    want = torch.autograd.grad(want_loss, x64)
+    for a, b in zip(got, want, strict=True):
+        rel = (a.double() - b).norm() / b.norm()
+        assert rel < 2e-3, rel  # float16 logits: ~2 ulps; a lost pre-scale is off by 2^k
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    """Evaluation under no_grad / inference_mode computes the loss only, even for parameters that
+    require grad."""
+    import fastkd.fused_linear as fl
+
+    c = _case()
+    want = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"],
+                                            vocab_size=c["vocab"]).detach()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gradient buffers allocated with grad mode off")
+
+    monkeypatch.setattr(fl, "_allocate_grads", refuse)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"],
+                                                   teacher_weight=c["wt"], vocab_size=c["vocab"])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_a_clear_error(reduction):
+    c = _case()
+    loss = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"],
+                                            vocab_size=c["vocab"], reduction=reduction).sum()
+    (g,) = torch.autograd.grad(loss, c["hs"], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (g**2).sum().backward()
