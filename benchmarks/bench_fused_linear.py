@@ -60,9 +60,11 @@ class Inputs:
 def make_inputs(n: int, h_s: int, h_t: int, v: int, ignore_frac: float, seed: int, floor: bool,
                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
+    # Drawn on the device itself: an N x V float32 draw on the CPU takes seconds at LLM sizes.
+    gen_dev = gen if device == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+        return (torch.randn(*shape, generator=gen_dev, device=device) * scale).to(dtype)
 
     # Weights ~ N(0, 4 / H): logits with standard deviation about 2.
     hs = rand(n, h_s).requires_grad_()
