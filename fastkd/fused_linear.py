@@ -26,7 +26,7 @@ from fastkd.terms import DistillTerms
 # Bytes one chunk's logits buffer may take (per head, and as many again for its gradient): on the CPU
 # small enough for the cache-friendly 64 MiB, on a GPU large enough that the matmuls have ~1k rows at
 # LLM vocabularies.
-_CHUNK_BYTES = {"cpu": 64 << 20}
+_CHUNK_BYTES_CPU = 64 << 20
 _CHUNK_BYTES_ACCELERATOR = 256 << 20
 # Chunks of a multiple of this many rows fill whole matmul tiles.
 _CHUNK_ROW_MULTIPLE = 128
@@ -75,8 +75,7 @@ class _Side:
     bias: torch.Tensor | None
     logits: torch.Tensor | SparseTeacher | None  # teacher logits (dense, or top-k) instead of hidden / weight
     grad_hidden: torch.Tensor | None = None
-    grad_weight: torch.Tensor | None = None  # float32; rows below the vocabulary are unset until a chunk writes
-    grad_weight_started: bool = False
+    grad_weight: torch.Tensor | None = None  # float32; rows below the vocabulary are unset until the first chunk
     grad_bias: torch.Tensor | None = None  # float32
     grad_logits: torch.Tensor | None = None
 
@@ -106,15 +105,13 @@ class _Side:
                 self.grad_hidden[rows] = (g.to(w.dtype) @ w).to(self.grad_hidden.dtype)
         if self.grad_weight is not None:
             # float32 accumulation across chunks: bf16 weight gradients stay within bf16 rounding.
-            _add_matmul(self.grad_weight[: head.vocab], g.T, self.hidden[rows], first=not self.grad_weight_started)
-            self.grad_weight_started = True
+            _add_matmul(self.grad_weight[: head.vocab], g.T, self.hidden[rows], first=rows.start == 0)
         if self.grad_bias is not None:
             self.grad_bias[: head.vocab] += g.sum(0, dtype=self.grad_bias.dtype)
 
 
-# Whether this torch's CUDA addmm takes a float32 accumulator for bf16 / fp16 factors (out_dtype);
-# None until first tried.
-_MIXED_ADDMM: dict[str, bool] = {}
+# False once this torch's CUDA addmm has refused a float32 accumulator for bf16 / fp16 factors (out_dtype).
+_mixed_addmm_works = True
 
 
 def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -122,17 +119,17 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
     unset memory is ignored, as torch.addmm documents). bf16 / fp16 factors with a float32 acc: on CUDA
     one tensor-core matmul that accumulates into acc (addmm's out_dtype) where torch has it; elsewhere
     the factors are widened to acc's dtype first."""
+    global _mixed_addmm_works
     beta = 0 if first else 1
     if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b, beta=beta)
         return
-    if a.is_cuda and a.dtype == b.dtype and _may_write_out(a) and _MIXED_ADDMM.get("cuda", True):
+    if a.is_cuda and a.dtype == b.dtype and _may_write_out(a) and _mixed_addmm_works:
         try:
             torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
-            _MIXED_ADDMM["cuda"] = True
             return
         except (RuntimeError, TypeError):  # an older torch: checked before any work, acc is untouched
-            _MIXED_ADDMM["cuda"] = False
+            _mixed_addmm_works = False
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
 
 
@@ -179,7 +176,7 @@ def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tens
 def _default_chunk_size(vocab: int, element_bytes: int, device_type: str) -> int:
     """Rows per chunk: as many as fit the device's buffer budget (float32 size at least, the loss's
     accumulation type), rounded down to a multiple of 128 rows when that many fit."""
-    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES_ACCELERATOR)
+    budget = _CHUNK_BYTES_CPU if device_type == "cpu" else _CHUNK_BYTES_ACCELERATOR
     rows = max(1, budget // max(1, vocab * max(element_bytes, 4)))
     return rows - rows % _CHUNK_ROW_MULTIPLE if rows >= _CHUNK_ROW_MULTIPLE else rows
 
@@ -271,7 +268,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                 _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
                             cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
             grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
-            grads = _refusing_double_backward(grads)
+            grads = ops.refusing_double_backward(grads)
         else:
             if ctx.grads is None:
                 raise RuntimeError("Trying to backward through the fused linear distillation loss a second time: "
@@ -289,17 +286,8 @@ class _FusedLinearDistill(torch.autograd.Function):
             else:
                 grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
                          for g in grads]
-            grads = _refusing_double_backward(grads)
+            grads = ops.refusing_double_backward(grads)
         return (None, *grads)
-
-
-def _refusing_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Under create_graph=True, gradients that raise when differentiated (they are computed in closed
-    form, without a graph of their own); as they are otherwise."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return grads
-    anchor = torch.zeros((), requires_grad=True)  # puts them in the graph even for a constant grad_output
-    return [None if g is None else ops._NoDoubleBackward.apply(g, anchor) for g in grads]
 
 
 def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...], vocab: int) -> None:
@@ -322,7 +310,7 @@ def _allocate_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...], voc
 def _collect_grads(student: _Side, teacher: _Side, needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
     out: list[torch.Tensor | None] = []
     for side in (student, teacher):
-        if side.grad_weight is not None and not side.grad_weight_started:
+        if side.grad_weight is not None and side.hidden.shape[0] == 0:
             side.grad_weight.zero_()  # no rows, no chunk wrote it
         out.append(side.grad_hidden)
         out.append(None if side.grad_weight is None else side.grad_weight.to(side.weight.dtype))

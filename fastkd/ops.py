@@ -151,12 +151,17 @@ def _scaled_stored_gradients(
     in_place = _reuse_saved_gradient_in_place(grads[0]) and not _is_prescaled(*grads)
     out = [_scaled_rows(g, factor, in_place) if need and g.numel() > 0 else None
            for g, need in zip(grads, needed, strict=True)]
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # create_graph=True: hand out gradients that raise when differentiated. The anchor (a fresh
-        # leaf) puts them in the graph even when grad_output itself does not require grad.
-        anchor = torch.zeros((), requires_grad=True)
-        out = [None if d is None else _NoDoubleBackward.apply(d, anchor) for d in out]
-    return out
+    return refusing_double_backward(out)
+
+
+def refusing_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Gradients handed out by a fused backward: under create_graph=True, ones that raise when
+    differentiated (they are closed forms, with no graph of their own); as they are otherwise."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    # The anchor (a fresh leaf) puts them in the graph even when grad_output does not require grad.
+    anchor = torch.zeros((), requires_grad=True)
+    return [None if g is None else _NoDoubleBackward.apply(g, anchor) for g in grads]
 
 
 def _is_prescaled(*grads: torch.Tensor) -> bool:
