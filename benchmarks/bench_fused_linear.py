@@ -345,20 +345,28 @@ def report(rec: dict) -> str:
     lines += ["", "## Loss check", ""]
     for k, v in c.items():
         lines.append(f"- {k}: {v}")
-    env = rec["environment"]
-    lines += ["", "## Machine", ""]
+    liger = rec["liger"].get("version", "unavailable: " + rec["liger"].get("unavailable", ""))
+    lines += machine_and_method(rec, f", liger-kernel {liger}")
+    return "\n".join(lines)
+
+
+def machine_and_method(rec: dict, versions: str = "") -> list[str]:
+    """The report's Machine and Method sections (shared with bench_sparse_teacher.py); ``versions`` is
+    appended to the versions line."""
+    env, a = rec["environment"], rec["args"]
+    lines = ["", "## Machine", ""]
     if "gpu_name" in env:
         lines.append(f"- GPU: {env['gpu_name']} ({env['gpu_memory_gib']} GiB, capability {env['gpu_capability']}), "
                      f"CUDA runtime {env['cuda_runtime']}")
-    lines += [f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({env['torch_threads']})",
-              f"- torch {env['torch']}, fastkd {env['fastkd']} ({env.get('fastkd_git_commit')}), Python "
-              f"{env['python']}, liger-kernel {rec['liger'].get('version', 'unavailable: ' + rec['liger'].get('unavailable', ''))}",
-              f"- {env['platform']}; date {env['date']}",
-              f"- load average (1, 5, 15 min) before the run: {rec['load_before']}; after: {rec['load_after']}; "
-              f"waited {rec['load_wait_s']:.0f} s for the 1-minute load to fall below {a['load_limit']}",
-              f"- total run time {rec['run_s']:.0f} s", "",
-              "## Method", "", *[f"- {m}" for m in rec["method"]], ""]
-    return "\n".join(lines)
+    return lines + [
+        f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({env['torch_threads']})",
+        f"- torch {env['torch']}, fastkd {env['fastkd']} ({env.get('fastkd_git_commit')}), Python "
+        f"{env['python']}{versions}",
+        f"- {env['platform']}; date {env['date']}",
+        f"- load average (1, 5, 15 min) before the run: {rec['load_before']}; after: {rec['load_after']}; "
+        f"waited {rec['load_wait_s']:.0f} s for the 1-minute load to fall below {a['load_limit']}",
+        f"- total run time {rec['run_s']:.0f} s", "",
+        "## Method", "", *[f"- {m}" for m in rec["method"]], ""]
 
 
 def main(argv: list[str] | None = None) -> int:

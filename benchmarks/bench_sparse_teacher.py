@@ -35,7 +35,15 @@ from fastkd.bench import machine
 from fastkd.bench.memory import _reset_hwm, _rss_bytes, _trim_heap, cpu_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fused_linear import DTYPES, MIB, Contender, measured_step, timed_rounds, wait_for_load  # noqa: E402
+from bench_fused_linear import (  # noqa: E402
+    DTYPES,
+    MIB,
+    Contender,
+    machine_and_method,
+    measured_step,
+    timed_rounds,
+    wait_for_load,
+)
 
 SPARSE = "fastkd sparse (logits, renormalize)"
 SPARSE_BUCKET = "fastkd sparse (logprobs, bucket)"
@@ -164,19 +172,7 @@ def report(rec: dict) -> str:
               f"{'met' if sn / sp >= 2 else 'not met'})",
               f"- naive / sparse (bucket): {1 / rt[f'{SPARSE_BUCKET} / naive (medians)']:.2f}x on medians"]
     lines += ["", "## Loss check", ""] + [f"- {k}: {v}" for k, v in rec["loss_check"].items()]
-    env = rec["environment"]
-    lines += ["", "## Machine", ""]
-    if "gpu_name" in env:
-        lines.append(f"- GPU: {env['gpu_name']} ({env['gpu_memory_gib']} GiB, capability {env['gpu_capability']}), "
-                     f"CUDA runtime {env['cuda_runtime']}")
-    lines += [f"- CPU: {env['cpu_model']}, {env['cpu_cores']} cores; torch.set_num_threads({a['threads']})",
-              f"- torch {env['torch']}, fastkd {env['fastkd']} ({env.get('fastkd_git_commit')}), Python "
-              f"{env['python']}",
-              f"- {env['platform']}; date {env['date']}",
-              f"- load average (1, 5, 15 min) before the run: {rec['load_before']}; after: {rec['load_after']}; "
-              f"waited {rec['load_wait_s']:.0f} s for the 1-minute load to fall below {a['load_limit']}",
-              f"- total run time {rec['run_s']:.0f} s", "",
-              "## Method", "", *[f"- {m}" for m in rec["method"]], ""]
+    lines += machine_and_method(rec)
     return "\n".join(lines)
 
 
