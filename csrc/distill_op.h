@@ -173,6 +173,20 @@ struct RowsCall {
   bool float64 = false;
 };
 
+// What both row ops derive from checked arguments: the teacher side (logits, or top-k values) only
+// decides, with the student, whether the call runs in float64.
+inline RowsCall derive_rows_call(const at::Tensor& student, const at::Tensor& teacher_side, bool has_target,
+                                 double temperature, double label_smoothing, c10::string_view divergence,
+                                 double beta) {
+  RowsCall call;
+  call.divergence = parse_divergence(divergence, beta);
+  call.rows = student.size(0);
+  call.vocab = student.size(1);
+  call.float64 = student.scalar_type() == at::kDouble || teacher_side.scalar_type() == at::kDouble;
+  call.params = base_loss_params(temperature, label_smoothing, call.vocab, has_target, call.float64);
+  return call;
+}
+
 inline RowsCall prepare_rows_call(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& soft_mask,
                                   const at::Tensor& weights, double temperature, int64_t ignore_index,
@@ -183,13 +197,7 @@ inline RowsCall prepare_rows_call(const at::Tensor& student, const at::Tensor& t
   TORCH_CHECK(weights.device() == student.device(), "fastkd::distill_rows: weights is on ", weights.device(),
               " but student_logits is on ", student.device());
   check_row_inputs("fastkd::distill_rows", student, std::nullopt, soft_mask);
-  RowsCall call;
-  call.divergence = parse_divergence(divergence, beta);
-  call.rows = student.size(0);
-  call.vocab = student.size(1);
-  call.float64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  call.params = base_loss_params(temperature, label_smoothing, call.vocab, target.has_value(), call.float64);
-  return call;
+  return derive_rows_call(student, teacher, target.has_value(), temperature, label_smoothing, divergence, beta);
 }
 
 }  // namespace fastkd
@@ -201,13 +209,8 @@ using SparseOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 // fastkd::sparse_distill_rows, checked and derived once. The weights are read by the backend (on its
 // device); so are the index values: the CPU checks their range and repeats on the host, CUDA asserts
 // on the device (reading them here would synchronise with the host).
-struct SparseCall {
-  LossParams params;
-  DivergenceParams divergence;
+struct SparseCall : RowsCall {
   SparseRowConfig sparse;
-  int64_t rows = 0;
-  int64_t vocab = 0;
-  bool float64 = false;  // compute (and return the loss) in float64
 };
 
 // Logits as the kernels read them: unit stride along the vocabulary, any row stride (a vocabulary
@@ -254,12 +257,8 @@ inline SparseCall prepare_sparse_call(const at::Tensor& student, const at::Tenso
                     FASTKD_OP "tail must be 'renormalize' or 'bucket', got '", std::string(tail), "'");
 #undef FASTKD_OP
   check_row_inputs("fastkd::sparse_distill_rows", student, target, soft_mask);
-  SparseCall call;
-  call.divergence = parse_divergence(divergence, beta);
-  call.rows = student.size(0);
-  call.vocab = student.size(1);
-  call.float64 = student.scalar_type() == at::kDouble || values.scalar_type() == at::kDouble;
-  call.params = base_loss_params(temperature, label_smoothing, call.vocab, target.has_value(), call.float64);
+  SparseCall call{derive_rows_call(student, values, target.has_value(), temperature, label_smoothing, divergence, beta),
+                  {}};
   call.sparse.divergence = call.divergence;
   call.sparse.inv_temperature = call.params.inv_temperature;
   call.sparse.full_forward_kl = divergence == "forward_kl";  // jsd / skew at beta = 0 use the support rule

@@ -91,13 +91,8 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
   const DeviceInfo dev = checked_device_info();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  // A mixed pair runs in the wider type, as on the CPU: float64 if either is, else float32.
-  at::ScalarType compute = student.scalar_type();
-  if (call.float64) {
-    compute = at::kDouble;
-  } else if (teacher.scalar_type() != student.scalar_type()) {
-    compute = at::kFloat;
-  }
+  // A mixed pair runs in the wider type, as on the CPU.
+  const at::ScalarType compute = compute_dtype(student, teacher, call.float64);
   const at::Tensor s = student.to(compute).contiguous();
   const at::Tensor t = teacher.to(compute).contiguous();
   at::Tensor y;

@@ -19,6 +19,12 @@ inline DType kernel_dtype(at::ScalarType t) {
   }
 }
 
+// The type a pair of logits runs in: the student's, float64 if either is, float32 for another mix.
+inline at::ScalarType compute_dtype(const at::Tensor& student, const at::Tensor& teacher, bool float64) {
+  if (float64) return at::kDouble;
+  return teacher.scalar_type() == student.scalar_type() ? student.scalar_type() : at::kFloat;
+}
+
 // Target as int64, soft_mask and weights (float64) contiguous on the device, and the float64 per-row
 // scratch the kernels write (the host casts it).
 struct RowBuffers {

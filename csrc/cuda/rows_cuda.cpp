@@ -27,13 +27,8 @@ RowsOutputs distill_rows_cuda(const at::Tensor& student, const at::Tensor& teach
                                           label_smoothing, divergence, beta);
   const c10::cuda::CUDAGuard guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // A mixed pair runs in the wider type: float64 if either is, else float32.
-  at::ScalarType compute = student.scalar_type();
-  if (call.float64) {
-    compute = at::kDouble;
-  } else if (teacher.scalar_type() != student.scalar_type()) {
-    compute = at::kFloat;
-  }
+  // A mixed pair runs in the wider type, as on the CPU.
+  const at::ScalarType compute = compute_dtype(student, teacher, call.float64);
   const at::Tensor s = rows_view(student, compute);
   const at::Tensor t = rows_view(teacher, compute);
   const RowBuffers b = row_buffers(student, target, soft_mask, weights, call.rows);
