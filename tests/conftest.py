@@ -113,6 +113,19 @@ def sparse_teacher(t: torch.Tensor, k: int, tail: str, *, index_dtype=torch.int6
                                 kind="logprobs" if tail == "bucket" else "logits", tail=tail)
 
 
+def apply_mask_mode(mask: str, shape: tuple[int, ...], y: torch.Tensor, kw: dict) -> torch.Tensor | None:
+    """One of the ways rows leave a term, set in the loss keywords ``kw`` (in place); returns the target
+    to use: "ignore_index" (y as made), "soft_mask" (a random 70 % of rows keep the soft term),
+    "no_target" (no hard term, alpha 1) or "num_items" (mean over a given token count)."""
+    if mask == "soft_mask":
+        kw["soft_mask"] = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(1)) < 0.7
+    elif mask == "no_target":
+        y, kw["alpha"] = None, 1.0
+    elif mask == "num_items":
+        kw["reduction"], kw["num_items_in_batch"] = "mean", 37
+    return y
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

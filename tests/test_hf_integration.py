@@ -218,16 +218,22 @@ def test_eval_loss_is_the_per_token_mean(tmp_path, fused):
     assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_offline_topk_teacher(tmp_path):
-    if not hasattr(fastkd, "SparseTeacher"):
-        pytest.skip("fastkd.SparseTeacher is not in this build")
+def _examples_with_teacher_topk(n: int, k: int) -> list[dict]:
+    """Examples carrying the top-k T = 1 log-probabilities of a teacher, as an offline cache holds them."""
     teacher = _teacher()
-    examples = _examples(4)
+    examples = _examples(n)
     with torch.no_grad():
         for e in examples:
             logprobs = teacher(input_ids=e["input_ids"][None]).logits[0, :, :V_STUDENT].log_softmax(-1)
-            top = logprobs.topk(8, dim=-1)
+            top = logprobs.topk(k, dim=-1)
             e["teacher_topk_indices"], e["teacher_topk_logprobs"] = top.indices, top.values
+    return examples
+
+
+def test_offline_topk_teacher(tmp_path):
+    if not hasattr(fastkd, "SparseTeacher"):
+        pytest.skip("fastkd.SparseTeacher is not in this build")
+    examples = _examples_with_teacher_topk(4, k=8)
     batch = _collate(examples)
     student = _student()
     trainer = DistillationTrainer(model=student, teacher_model=None, args=_args(tmp_path, teacher_topk_tail="bucket"),
@@ -244,13 +250,7 @@ def test_offline_topk_teacher(tmp_path):
 
 
 def test_offline_topk_teacher_through_the_fused_linear_path(tmp_path):
-    teacher = _teacher()
-    examples = _examples(4)
-    with torch.no_grad():
-        for e in examples:
-            logprobs = teacher(input_ids=e["input_ids"][None]).logits[0, :, :V_STUDENT].log_softmax(-1)
-            top = logprobs.topk(8, dim=-1)
-            e["teacher_topk_indices"], e["teacher_topk_logprobs"] = top.indices, top.values
+    examples = _examples_with_teacher_topk(4, k=8)
     batch = _collate(examples)
     student = _student()
     dense = DistillationTrainer(model=student, teacher_model=None, args=_args(tmp_path / "a"),

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ONE_BETA, assert_loss_close, grad_tolerance, loss_atol, make_inputs, sparse_teacher
+from conftest import (
+    ONE_BETA,
+    apply_mask_mode,
+    assert_loss_close,
+    grad_tolerance,
+    loss_atol,
+    make_inputs,
+    sparse_teacher,
+)
 
 import fastkd
 from fastkd import SparseTeacher
@@ -146,12 +154,7 @@ def test_kernel_matches_reference(divergence, tail, dtype, reduction, mask, temp
     teacher = sparse_teacher(t, 16, tail, index_dtype=index_dtype, pad_rows=2)
     kw = dict(temperature=temperature, divergence=divergence, beta=ONE_BETA[divergence], reduction=reduction,
               label_smoothing=0.05, alpha=0.6)
-    if mask == "soft_mask":
-        kw["soft_mask"] = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(1)) < 0.7
-    elif mask == "no_target":
-        y, kw["alpha"] = None, 1.0
-    elif mask == "num_items":
-        kw["reduction"], kw["num_items_in_batch"] = "mean", 37
+    y = apply_mask_mode(mask, shape, y, kw)
     got, grad = run(fastkd.distill_loss, s, teacher, y, **kw)
     want, want_grad = oracle(s, teacher, y, **kw)
     assert got.loss.dtype == (F64 if dtype == F64 else F32) and grad.dtype == dtype
