@@ -78,15 +78,22 @@ class _Side:
     grad_weight: torch.Tensor | None = None  # float32; rows below the vocabulary are unset until the first chunk
     grad_bias: torch.Tensor | None = None  # float32
     grad_logits: torch.Tensor | None = None
+    # (chunk_size, V) logits buffer, allocated on first use and reused by every chunk.
+    logits_buffer: torch.Tensor | None = None
 
-    def chunk_logits(self, head: _Head, rows: slice, buffers: _ChunkBuffers) -> torch.Tensor | SparseTeacher:
+    def chunk_logits(self, head: _Head, rows: slice, chunk_size: int) -> torch.Tensor | SparseTeacher:
         if isinstance(self.logits, SparseTeacher):
             t = self.logits
             return SparseTeacher(t.indices[rows], t.values[rows], kind=t.kind, tail=t.tail)
         if self.logits is not None:
             return self.logits[rows, : head.vocab]
         h = self.hidden[rows]
-        return head.logits(h, self.weight, self.bias, out=buffers.take(self, h, self.weight, head.vocab))
+        out = None
+        if h.dtype == self.weight.dtype and _may_write_out(h):
+            if self.logits_buffer is None:
+                self.logits_buffer = h.new_empty(chunk_size, head.vocab)
+            out = self.logits_buffer[: h.shape[0]]
+        return head.logits(h, self.weight, self.bias, out=out)
 
     def wants_grad(self) -> bool:
         return any(x is not None for x in (self.grad_hidden, self.grad_weight, self.grad_bias, self.grad_logits))
@@ -139,22 +146,6 @@ def _may_write_out(x: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
 
 
-class _ChunkBuffers:
-    """One (chunk_size, V) logits buffer per head, allocated on first use and reused by every chunk."""
-
-    def __init__(self, chunk_size: int) -> None:
-        self.chunk_size = chunk_size
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    def take(self, side: _Side, h: torch.Tensor, w: torch.Tensor, vocab: int) -> torch.Tensor | None:
-        if h.dtype != w.dtype or not _may_write_out(h):
-            return None
-        buf = self.buffers.get(id(side))
-        if buf is None:
-            buf = self.buffers[id(side)] = h.new_empty(self.chunk_size, vocab)
-        return buf[: h.shape[0]]
-
-
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -196,11 +187,10 @@ def _run_chunks(
     if isinstance(teacher.logits, SparseTeacher) and not sparse_op:
         rows_op = reference.distill_rows
     loss_rows, soft_rows, hard_rows = [], [], []
-    buffers = _ChunkBuffers(min(chunk_size, n))
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
-        zs = student.chunk_logits(head, rows, buffers)
-        zt = teacher.chunk_logits(head, rows, buffers)
+        zs = student.chunk_logits(head, rows, min(chunk_size, n))
+        zt = teacher.chunk_logits(head, rows, min(chunk_size, n))
         y_chunk = None if target is None else target[rows]
         mask_chunk = None if soft_mask is None else soft_mask[rows]
         args = (weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"])
@@ -529,7 +519,7 @@ class FusedLinearDistillLoss(torch.nn.Module):
         *,
         teacher_hidden: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | SparseTeacher | None = None,
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
         soft_mask: torch.Tensor | None = None,
