@@ -186,6 +186,8 @@ def _run_chunks(
     sparse_op = device in _SPARSE_KERNELS
     if isinstance(teacher.logits, SparseTeacher) and not sparse_op:
         rows_op = reference.distill_rows
+    # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
+    keep = head.softcap is None and head.logit_scale == 1.0
     loss_rows, soft_rows, hard_rows = [], [], []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
@@ -205,8 +207,6 @@ def _run_chunks(
         # The op's grad_scale multiplies both gradients when either wanted one is float16.
         prescaled = any(wanted and g is not None and g.dtype == torch.float16
                         for g, wanted in ((gs, want_s), (gt, want_t)))
-        # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
-        keep = head.softcap is None and head.logit_scale == 1.0
         for side, g, z, wanted in ((student, gs, zs, want_s), (teacher, gt, zt, want_t)):
             if not wanted:
                 continue
