@@ -220,6 +220,13 @@ inline at::Tensor kernel_view(const at::Tensor& x, bool float64) {
   return float64 && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
 }
 
+// The grad_scale output of the row ops: (sides, rows) float32 per-row pre-scales (student, then teacher)
+// when a wanted gradient is float16 (the backend fills it), else a scalar 1 (nothing to undo).
+inline at::Tensor fp16_gradient_scales(bool prescaled, int64_t sides, int64_t rows, const at::TensorOptions& opts) {
+  const auto f32 = opts.dtype(at::kFloat);
+  return prescaled ? at::empty({sides, rows}, f32) : at::ones({}, f32);
+}
+
 inline bool is_logit_dtype(at::ScalarType dt) {
   return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble;
 }

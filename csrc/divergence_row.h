@@ -46,17 +46,6 @@ struct ElementTerms {
   V ph;  // p * df/dp
 };
 
-// |dD/db| and |dD/da| summed over a row are at most this (a bound for sizing fp16 gradients): the
-// KL family's gradients are differences of probabilities (<= 2); reverse KL's q (log q - log p - D)
-// is unbounded as p -> 0, so it gets headroom for p down to e^-60.
-inline double divergence_gradient_bound(const DivergenceParams& d) {
-  switch (d.kind) {
-    case Divergence::ReverseKL: return 128.0;
-    case Divergence::SkewReverseKL: return 4.0 + (d.beta > 0 ? -2.0 * __builtin_log(d.beta) : 128.0);
-    default: return 4.0;
-  }
-}
-
 inline namespace FASTKD_ISA {
 
 // The power of two a float16 gradient is stored multiplied by, from a bound on its largest entry: it

@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "divergence_row.h"
+#include "log_sum_exp.h"
 
 namespace fastkd {
 
@@ -53,45 +54,6 @@ template <class F>
 FASTKD_HD bool is_padding(F value) {
   return value == -std::numeric_limits<F>::infinity();
 }
-
-// log sum_i exp(k x_i) (k > 0) of values added one at a time or merged in any grouping (blocks of
-// threads): m = max_i x_i, s = sum_i exp(k (x_i - m)). Empty or all -inf: -inf; any NaN: NaN.
-template <class F>
-struct LogSumExp {
-  F m = -std::numeric_limits<F>::infinity();
-  F s = 0;
-
-  FASTKD_HD void add(F x, F k) {
-    if (m != m) return;
-    if (x != x) {
-      m = s = x;
-    } else if (x > m) {
-      s = (m == -std::numeric_limits<F>::infinity() ? F(0) : s * std::exp(k * (m - x))) + F(1);
-      m = x;
-    } else if (x != -std::numeric_limits<F>::infinity()) {
-      s += std::exp(k * (x - m));
-    }
-  }
-
-  FASTKD_HD void merge(const LogSumExp& o, F k) {
-    if (m != m || o.m == -std::numeric_limits<F>::infinity()) return;
-    if (o.m != o.m) {
-      *this = o;
-    } else if (o.m > m) {
-      s = (m == -std::numeric_limits<F>::infinity() ? F(0) : s * std::exp(k * (m - o.m))) + o.s;
-      m = o.m;
-    } else {
-      s += o.s * std::exp(k * (o.m - m));
-    }
-  }
-
-  // log sum_i exp(k (x_i - shift)); a shift near the maximum keeps large logits' digits.
-  FASTKD_HD F shifted(F shift, F k) const {
-    if (m != m || m == -std::numeric_limits<F>::infinity() || m == std::numeric_limits<F>::infinity()) return m;
-    return k * (m - shift) + std::log(s);
-  }
-  FASTKD_HD F value(F k) const { return shifted(F(0), k); }
-};
 
 // log q_j at T of a student logit, from the row's shift and log sum_j exp((s_j - shift) / T).
 template <class F>

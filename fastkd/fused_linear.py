@@ -150,15 +150,16 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor, row_grad: torch.Tensor | None,
-              keep_dtype: bool, prescaled: bool) -> torch.Tensor:
-    """A chunk's logits gradient without the op's float16 pre-scale, times each row's grad_output (reduction
-    "none"), in the accumulation dtype. The op pre-scales both of its gradients when either is float16
-    (``prescaled``); otherwise, without row_grad, the gradient is used as it is (no pass over it): in its
-    own dtype when keep_dtype (the matmuls that take it accumulate in float32 anyway), else widened."""
+def _unscaled(grad: torch.Tensor, scale: torch.Tensor, row_grad: torch.Tensor | None,
+              keep_dtype: bool) -> torch.Tensor:
+    """A chunk's logits gradient without the op's float16 pre-scale (``scale``: this side's, a scalar 1 or
+    per row), times each row's grad_output (reduction "none"), in the accumulation dtype. Without
+    either, the gradient is used as it is (no pass over it): in its own dtype when keep_dtype (the
+    matmuls that take it accumulate in float32 anyway), else widened."""
+    prescaled = scale.dim() > 0
     if not prescaled and row_grad is None:
         return grad if keep_dtype else grad.to(_accumulation_dtype(grad.dtype))
-    factor = 1.0 / grad_scale
+    factor = 1.0 / scale.reshape(-1, 1) if prescaled else 1.0 / scale
     if row_grad is not None:
         factor = row_grad.reshape(-1, 1) * factor
     return grad.to(_accumulation_dtype(grad.dtype)) * factor
@@ -204,14 +205,11 @@ def _run_chunks(
         loss_rows.append(loss)
         soft_rows.append(soft)
         hard_rows.append(hard)
-        # The op's grad_scale multiplies both gradients when either wanted one is float16.
-        prescaled = any(wanted and g is not None and g.dtype == torch.float16
-                        for g, wanted in ((gs, want_s), (gt, want_t)))
-        for side, g, z, wanted in ((student, gs, zs, want_s), (teacher, gt, zt, want_t)):
+        for index, (side, g, z, wanted) in enumerate(((student, gs, zs, want_s), (teacher, gt, zt, want_t))):
             if not wanted:
                 continue
             rg = None if row_grad is None else row_grad[rows]
-            side.accumulate(head, rows, _unscaled(g, grad_scale, rg, keep, prescaled), z)
+            side.accumulate(head, rows, _unscaled(g, ops.side_scale(grad_scale, index), rg, keep), z)
         # Free this chunk's gradients before the next op call, so that the op's CPU allocator can hand
         # the same pages out again.
         del gs, gt, g

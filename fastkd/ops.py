@@ -35,7 +35,8 @@ def _distill_rows_fake(
     rows = [student.new_empty((student.shape[0],), dtype=loss_dtype) for _ in range(3)]
     grad_s = student.new_empty(student.shape if student_grad else (0,))
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
-    grad_scale = student.new_empty((), dtype=torch.float32)
+    prescaled = (student_grad and student.dtype == torch.float16) or (teacher_grad and teacher.dtype == torch.float16)
+    grad_scale = student.new_empty((2, student.shape[0]) if prescaled else (), dtype=torch.float32)
     return (*rows, grad_s, grad_t, grad_scale)
 
 
@@ -123,12 +124,20 @@ def _rows_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(grad_s, grad_t, grad_scale)
 
 
-def _row_factor(grad_rows: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
-    """grad_output per row over the stored gradient's pre-scale; one value when every row's is the
-    same (the loss was summed), so the gradient is scaled by a scalar (or not touched when it is 1)."""
+def side_scale(grad_scale: torch.Tensor, side: int) -> torch.Tensor:
+    """One side's float16 pre-scale from a row op's grad_scale: a scalar 1 (no side is float16), or that
+    side's per-row powers of two, ``(rows,)`` (0: the student, 1: the teacher)."""
+    return grad_scale if grad_scale.dim() == 0 else grad_scale[side]
+
+
+def _row_factor(grad_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad_output per row over the stored gradient's pre-scale (a scalar, or per row); one value when
+    both are (the loss was summed), so the gradient is scaled by a scalar (or not touched when it is 1).
+    In float32, or float64 for a float64 grad_output: its digits reach a float64 gradient."""
     if grad_rows.dim() == 1 and grad_rows.shape[0] > 0 and grad_rows.stride(0) == 0:
         grad_rows = grad_rows[:1].reshape(())
-    return grad_rows.float() / grad_scale if grad_scale.dtype != grad_rows.dtype else grad_rows / grad_scale
+    wide = torch.float64 if grad_rows.dtype == torch.float64 else torch.float32
+    return grad_rows.to(wide) / scale
 
 
 def _rows_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _ggt, _gscale):
@@ -145,12 +154,12 @@ def _scaled_stored_gradients(
 ) -> list[torch.Tensor | None]:
     """The op's stored gradients times grad_output (per row or one value) over their pre-scale; None
     where not needed or not computed."""
-    factor = _row_factor(grad_loss, grad_scale)
     # A pre-scaled (float16) gradient is always rescaled into a new tensor: the op's own output is not
     # changed behind the caller's back when grad_output is 1.
-    in_place = _reuse_saved_gradient_in_place(grads[0]) and not _is_prescaled(*grads)
-    out = [_scaled_rows(g, factor, in_place) if need and g.numel() > 0 else None
-           for g, need in zip(grads, needed, strict=True)]
+    in_place = _reuse_saved_gradient_in_place(grads[0]) and grad_scale.dim() == 0
+    out = [_scaled_rows(g, _row_factor(grad_loss, side_scale(grad_scale, side)), in_place)
+           if need and g.numel() > 0 else None
+           for side, (g, need) in enumerate(zip(grads, needed, strict=True))]
     return refusing_double_backward(out)
 
 
@@ -164,16 +173,12 @@ def refusing_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Ten
     return [None if g is None else _NoDoubleBackward.apply(g, anchor) for g in grads]
 
 
-def _is_prescaled(*grads: torch.Tensor) -> bool:
-    return any(g.dtype == torch.float16 for g in grads)
-
-
 def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
     if in_place:
         scale_grad_(grad, factor)
         return grad
-    # The factor stays float32 (a 0-d or per-row tensor): rounding it to the gradient's dtype first
-    # would add an error of its own; the product is rounded once, into the gradient's dtype.
+    # The factor stays float32 / float64 (a 0-d or per-row tensor): rounding it to the gradient's dtype
+    # first would add an error of its own; the product is rounded once, into the gradient's dtype.
     if factor.dim() == 0:
         return grad * factor  # a 0-d factor does not promote: computed in float32, stored as grad
     return torch.mul(grad, factor.reshape(-1, 1), out=torch.empty_like(grad))
@@ -190,7 +195,8 @@ def _sparse_rows_fake(
     loss_dtype = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
     rows = [student.new_empty((student.shape[0],), dtype=loss_dtype) for _ in range(3)]
     grad_s = student.new_empty(student.shape if student_grad else (0,))
-    grad_scale = student.new_empty((), dtype=torch.float32)
+    prescaled = student_grad and student.dtype == torch.float16
+    grad_scale = student.new_empty((1, student.shape[0]) if prescaled else (), dtype=torch.float32)
     return (*rows, grad_s, grad_scale)
 
 

@@ -173,6 +173,28 @@ def test_non_contiguous_and_misaligned_inputs(kernel):
           torch.float32, s2, t2, **kw)
 
 
+def test_vocabulary_slice_is_read_in_place(kernel):
+    """A slice t[..., :V] of wider (padded-vocabulary) logits goes to the tuned kernels as it is: no
+    copy of either side, and the same loss and gradients as contiguous logits."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    wide_s = torch.randn(64, 32128, device=DEV, generator=g)
+    wide_t = torch.randn(64, 32128, device=DEV, generator=g)
+    s, t = wide_s[:, :32000], wide_t[:, :32000]
+    y = torch.randint(0, 32000, (64,), device=DEV, generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        loss = fastkd.distill_loss(s, t, y, temperature=2.0)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < s.numel() * s.element_size() // 8
+    ran = fastkd._C.cuda_last_kernel()
+    assert ran.startswith(kernel) if kernel != "auto" else ran != "none"  # 16-byte rows: the vector path
+    torch.testing.assert_close(loss, fastkd.distill_loss(s.contiguous(), t.contiguous(), y, temperature=2.0))
+    check(loss_and_grads(fastkd.distill_loss, s, t, y, True, temperature=2.0),
+          expected(s, t, y, True, temperature=2.0), torch.float32, s, t, temperature=2.0)
+
+
 def test_grad_output_not_one(kernel):
     s, t, y = make_inputs((4, 2000), torch.bfloat16)
     for reduction, go in (("mean", torch.tensor(0.25, device=DEV)), ("none", torch.rand(4, device=DEV))):

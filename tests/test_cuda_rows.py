@@ -73,3 +73,22 @@ def test_float16_gradients_survive_a_grad_scaler():
     normal = exact.abs() >= 6.1e-5
     flushed = (x.grad.cpu() == 0) & normal
     assert int(flushed.sum()) == 0
+
+
+def test_nan_before_the_first_finite_value_gives_a_nan_row_as_on_the_cpu():
+    """s = [nan, 0, 1], target 1, not in S: every thread's share of the row merges the NaN through."""
+    s = torch.tensor([[float("nan"), 0.0, 1.0], [0.5, 0.0, 1.0]])
+    t = torch.zeros(2, 3)
+    y = torch.tensor([1, 2])
+    mask = torch.tensor([False, True])
+    got, want = [], []
+    for device, out in ((DEV, got), ("cpu", want)):
+        x = s.to(device).requires_grad_()
+        loss = fastkd.distill_loss(x, t.to(device), y.to(device), soft_mask=mask.to(device), reduction="none",
+                                   divergence="jsd")
+        loss.sum().backward()
+        out.extend([loss.detach().cpu(), x.grad.cpu()])
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert got[1][0].isnan().all()

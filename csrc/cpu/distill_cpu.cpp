@@ -46,8 +46,10 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
                              bool teacher_grad) {
   const RowsCall call = prepare_rows_call(student, teacher, target, soft_mask, weights, temperature, ignore_index,
                                           label_smoothing, divergence, beta);
-  const at::Tensor s = kernel_view(student, call.float64);
-  const at::Tensor t = kernel_view(teacher, call.float64);
+  const bool fp16_student = student_grad && student.scalar_type() == at::kHalf;
+  const bool fp16_teacher = teacher_grad && teacher.scalar_type() == at::kHalf;
+  const at::Tensor s = kernel_logits(student, call.float64, fp16_student);
+  const at::Tensor t = kernel_logits(teacher, call.float64, fp16_teacher);
   at::Tensor y;
   if (target.has_value()) {
     y = target->to(at::kLong).contiguous();
@@ -61,10 +63,6 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
 
   at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad ? empty_gradient(t.sizes(), t.scalar_type()) : at::empty({0}, teacher.options());
-  const bool fp16 = (student_grad && student.scalar_type() == at::kHalf) ||
-                    (teacher_grad && teacher.scalar_type() == at::kHalf);
-  const double prescale =
-      fp16_prescale(fp16, params.soft_weight, params.hard_weight, params.inv_temperature, call.divergence);
 
   std::vector<double> row_loss(call.rows), row_soft(call.rows), row_hard(call.rows);
   RowsArgs args;
@@ -81,7 +79,7 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
   args.rows = call.rows;
   args.vocab = call.vocab;
   args.params = params;
-  args.grad_scale = prescale;
+  args.grad_scale = 1.0;
   args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
   args.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
   args.row_loss = row_loss.data();
@@ -90,11 +88,15 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
   args.block_size = test_block_size();
   if (call.rows > 0) select_kernel()(args);
 
+  at::Tensor grad_scale = fp16_gradient_scales(fp16_student || fp16_teacher, 2, call.rows, student.options());
+  if (grad_scale.dim() == 2) grad_scale.fill_(1.0f);
+  if (fp16_student) grad_s = narrow_fp16_gradient(grad_s, grad_scale[0]);
+  if (fp16_teacher) grad_t = narrow_fp16_gradient(grad_t, grad_scale[1]);
   if (student_grad && grad_s.scalar_type() != student.scalar_type()) grad_s = grad_s.to(student.scalar_type());
   if (teacher_grad && grad_t.scalar_type() != teacher.scalar_type()) grad_t = grad_t.to(teacher.scalar_type());
   const at::ScalarType loss_dtype = call.float64 ? at::kDouble : at::kFloat;
   return {rows_tensor(row_loss, loss_dtype), rows_tensor(row_soft, loss_dtype), rows_tensor(row_hard, loss_dtype),
-          grad_s, grad_t, at::scalar_tensor(prescale, at::TensorOptions().dtype(at::kFloat))};
+          grad_s, grad_t, grad_scale};
 }
 
 // The forward-KL op with the reduction inside (the CUDA kernel's contract), on top of distill_rows:
@@ -116,10 +118,12 @@ ForwardOutputs distill_forward_cpu(const at::Tensor& student, const at::Tensor& 
   auto [loss, soft, hard, grad_s, grad_t, grad_scale] =
       distill_rows_cpu(student, teacher, target, std::nullopt, weights, temperature, ignore_index, label_smoothing,
                        "forward_kl", 0.0, student_grad, teacher_grad);
-  const double prescale = grad_scale.item<double>();
-  if (prescale != 1.0) {  // this op's gradient is the reduced loss's own
-    if (student_grad) grad_s.div_(prescale);
-    if (teacher_grad) grad_t.div_(prescale);
+  if (grad_scale.dim() == 2) {  // this op's gradient is the reduced loss's own: the pre-scales undone
+    const auto unscaled = [](const at::Tensor& g, const at::Tensor& scale) {
+      return (g.to(at::kFloat) / scale.unsqueeze(1)).to(g.scalar_type());
+    };
+    if (student_grad) grad_s = unscaled(grad_s, grad_scale[0]);
+    if (teacher_grad) grad_t = unscaled(grad_t, grad_scale[1]);
   }
   if (rows_out) return {loss, soft, hard, grad_s, grad_t};
   const auto total = [](const at::Tensor& rows, double factor) {

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "divergence_row.h"
+#include "distill_op.h"
 
 namespace fastkd::cpu {
 
@@ -19,14 +19,25 @@ inline at::Tensor rows_tensor(const std::vector<double>& rows, at::ScalarType dt
   return dtype == at::kDouble ? out : out.to(dtype);
 }
 
-// Power of two that a float16 gradient is stored multiplied by, so that entries of a loss normalised
-// by many rows are not flushed to zero before backward multiplies by grad_output (under GradScaler,
-// ~2^16): it brings the largest possible entry near 2^12. 1 for other dtypes.
-inline double fp16_prescale(bool fp16, double soft_weight, double hard_weight, double inv_t,
-                            const DivergenceParams& d) {
-  if (!fp16) return 1.0;
-  return fp16_gradient_prescale(std::fabs(soft_weight) * inv_t * divergence_gradient_bound(d) +
-                                2 * std::fabs(hard_weight));
+// float16 gradients are computed in float32 (the logits widened first), then each row is stored
+// multiplied by the power of two that brings its largest entry near 2^12 (fp16_gradient_prescale): a
+// loss normalised by many rows does not flush to zero before backward multiplies by grad_output
+// (under GradScaler, ~2^16), and no finite entry overflows. `scales` (the op's grad_scale row of this
+// side) receives the powers; backward divides them out.
+inline at::Tensor narrow_fp16_gradient(const at::Tensor& grad32, at::Tensor scales) {
+  const at::Tensor amax = grad32.abs().amax(1);
+  // 2^floor(log2(4096 / amax)), clamped to [2^-24, 2^40]; 1 for a row of zeros or a NaN / inf.
+  at::Tensor power = at::exp2(at::clamp(at::floor(at::log2(4096.0 / amax)), -24, 40));
+  power = at::where(at::isfinite(amax) & (amax > 0), power, at::ones_like(power));
+  scales.copy_(power);
+  return (grad32 * power.unsqueeze(1)).to(at::kHalf);
+}
+
+// A float16 side that wants a gradient is widened to float32 for the kernel (its gradient is then
+// float32, narrowed per row after the kernel); other logits are kernel_view()'s.
+inline at::Tensor kernel_logits(const at::Tensor& x, bool float64, bool widen_fp16) {
+  return widen_fp16 && x.scalar_type() == at::kHalf && !float64 ? kernel_view(x, false).to(at::kFloat)
+                                                                : kernel_view(x, float64);
 }
 
 // Rows whose target is not ignore_index; raises IndexError for a target outside [0, vocab).

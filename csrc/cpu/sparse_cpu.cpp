@@ -65,7 +65,8 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
                                               label_smoothing, divergence, beta, tail);
   const int64_t rows = call.rows, vocab = call.vocab;
   const bool float64 = call.float64;
-  const at::Tensor s = kernel_view(student, float64);
+  const bool fp16_student = student_grad && student.scalar_type() == at::kHalf;
+  const at::Tensor s = kernel_logits(student, float64, fp16_student);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor val = values.to(at::kDouble).contiguous();  // O(rows K): the teacher is small
   if (idx.scalar_type() == at::kLong) {
@@ -85,8 +86,6 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   args.params = call.params;
   args.params.soft_weight = w.const_data_ptr<double>()[0];
   args.params.hard_weight = w.const_data_ptr<double>()[1];
-  const double prescale = fp16_prescale(student_grad && student.scalar_type() == at::kHalf, args.params.soft_weight,
-                                        args.params.hard_weight, args.params.inv_temperature, call.divergence);
   at::Tensor grad_s = student_grad ? empty_gradient(s.sizes(), s.scalar_type()) : at::empty({0}, student.options());
   std::vector<double> row_loss(rows), row_soft(rows), row_hard(rows);
   args.student = s.const_data_ptr();
@@ -102,17 +101,19 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   args.sparse = call.sparse;
   args.rows = rows;
   args.vocab = vocab;
-  args.grad_scale = prescale;
+  args.grad_scale = 1.0;
   args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
   args.row_loss = row_loss.data();
   args.row_soft = row_soft.data();
   args.row_hard = row_hard.data();
   if (rows > 0) select_sparse_kernel()(args);
 
+  at::Tensor grad_scale = fp16_gradient_scales(fp16_student, 1, rows, student.options());
+  if (fp16_student) grad_s = narrow_fp16_gradient(grad_s, grad_scale[0]);
   if (student_grad && grad_s.scalar_type() != student.scalar_type()) grad_s = grad_s.to(student.scalar_type());
   const at::ScalarType loss_dtype = float64 ? at::kDouble : at::kFloat;
   return {rows_tensor(row_loss, loss_dtype), rows_tensor(row_soft, loss_dtype), rows_tensor(row_hard, loss_dtype),
-          grad_s, at::scalar_tensor(prescale, at::TensorOptions().dtype(at::kFloat))};
+          grad_s, grad_scale};
 }
 
 }  // namespace

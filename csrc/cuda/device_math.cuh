@@ -52,6 +52,23 @@ struct DevMath<double> {
   static __device__ __forceinline__ double zero_where_zero(double p, double x) { return p == 0.0 ? 0.0 : x; }
 };
 
+// The Math of divergence_row.h on scalars, with the accurate library functions (the divergences'
+// mixtures need log1p-grade accuracy near d = 0): float math for float, double for double. The
+// generic rows kernel and the sparse kernel use it.
+template <class acc_t>
+struct ScalarDevMath {
+  static __device__ __forceinline__ acc_t exp(acc_t x) { return ::exp(x); }
+  static __device__ __forceinline__ acc_t expm1(acc_t x) { return ::expm1(x); }
+  static __device__ __forceinline__ acc_t log(acc_t x) { return ::log(x); }
+  static __device__ __forceinline__ acc_t abs(acc_t x) { return ::fabs(x); }
+  static __device__ __forceinline__ acc_t clamp(acc_t x, acc_t lo, acc_t hi) {
+    return x != x ? x : (x < lo ? lo : (x > hi ? hi : x));
+  }
+  static __device__ __forceinline__ acc_t where_zero(acc_t p, acc_t x) { return p == acc_t(0) ? acc_t(0) : x; }
+  static __device__ __forceinline__ acc_t where_lt(acc_t x, acc_t y, acc_t a, acc_t b) { return x < y ? a : b; }
+  static __device__ __forceinline__ acc_t sign(acc_t x) { return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0)); }
+};
+
 // fmax drops a NaN; the sums carry it instead (exp2(NaN) is NaN), so a NaN row still ends NaN.
 template <class acc_t>
 __device__ __forceinline__ acc_t dmax(acc_t a, acc_t b) {

@@ -93,20 +93,15 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
 
   // A mixed pair runs in the wider type, as on the CPU.
   const at::ScalarType compute = compute_dtype(student, teacher, call.float64);
-  const at::Tensor s = student.to(compute).contiguous();
-  const at::Tensor t = teacher.to(compute).contiguous();
+  const at::Tensor s = rows_view(student, compute);
+  const at::Tensor t = rows_view(teacher, compute);
   at::Tensor y;
   if (target.has_value()) y = target->to(at::kLong).contiguous();
 
   const at::ScalarType loss_dtype = call.float64 ? at::kDouble : at::kFloat;
   const auto loss_opts = student.options().dtype(loss_dtype);
   at::Tensor grad_s = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, student.options());
-  at::Tensor grad_t;
-  if (teacher_grad) {
-    grad_t = at::empty(t.sizes(), t.options());
-  } else {
-    grad_t = at::empty({0}, teacher.options());
-  }
+  at::Tensor grad_t = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, teacher.options());
 
   const int64_t rows = call.rows;
   const bool per_row = call.reduction == Reduction::None;
@@ -135,6 +130,8 @@ ForwardOutputs distill_forward_cuda(const at::Tensor& student, const at::Tensor&
     a.dtype = kernel_dtype(compute);
     a.student = s.const_data_ptr();
     a.teacher = t.const_data_ptr();
+    a.student_row_stride = s.stride(0);
+    a.teacher_row_stride = t.stride(0);
     a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
     a.ignore_index = ignore_index;
     a.rows = rows;

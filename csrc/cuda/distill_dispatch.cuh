@@ -30,6 +30,8 @@ struct KernelFacts {
   int binary_version = 0;  // e.g. 90: the SASS the driver loaded for this device
   int ptx_version = 0;     // the virtual arch the code was compiled from (80 for compute_80 PTX JIT-ed on sm_90)
   int static_smem = 0;
+  int64_t max_dynamic_smem = 48 * 1024;  // what the driver granted (48 KiB without the opt-in)
+  bool large_clusters = false;            // clusters beyond the portable 8 CTAs were allowed
   // The cluster code (DSMEM, cluster barriers) is compiled in only for __CUDA_ARCH__ >= 900: SASS
   // for sm_90 built from compute_80 PTX has binaryVersion 90 but traps there.
   bool clusters() const { return binary_version >= 90 && ptx_version >= 90; }
@@ -47,27 +49,58 @@ KernelFacts read_kernel_facts(Kernel kernel, int64_t optin) {
   f.ptx_version = attr.ptxVersion;
   f.static_smem = int(attr.sharedSizeBytes);
   // Allow the largest dynamic shared memory, and prefer shared memory over L1 (the kernel reads its
-  // row from shared memory only). These attributes belong to the current device.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(optin) - f.static_smem);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-  if (f.clusters()) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  // row from shared memory only). These attributes belong to the current device. A refusal (MPS, MIG
+  // slices, green contexts may cap them) shrinks the plan instead of failing the launch.
+  f.max_dynamic_smem = 48 * 1024 - f.static_smem;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(optin) - f.static_smem) ==
+      cudaSuccess) {
+    f.max_dynamic_smem = optin - f.static_smem;
+  }
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);  // a hint only
+  f.large_clusters =
+      f.clusters() && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
   (void)cudaGetLastError();
   return f;
 }
 
 // read_kernel_facts() once per (kernel, device): function attributes are set per device, so a
-// second GPU in the process needs its own.
+// second GPU in the process needs its own. A launch the driver refused marks the kernel off for
+// good on that device (refuse_resident), so later calls stream without trying again.
+struct KnownFacts {
+  std::mutex mu;
+  std::map<std::pair<const void*, int>, KernelFacts> facts;
+  std::map<std::pair<const void*, int>, bool> refused;
+};
+
+inline KnownFacts& known_facts() {
+  static KnownFacts known;
+  return known;
+}
+
 template <class Kernel>
 KernelFacts kernel_facts(Kernel kernel, const DeviceInfo& dev) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, KernelFacts> known;
+  KnownFacts& known = known_facts();
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev.index);
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find(key);
-  if (it != known.end()) return it->second;
+  std::lock_guard<std::mutex> lock(known.mu);
+  const auto it = known.facts.find(key);
+  if (it != known.facts.end()) return it->second;
   const KernelFacts f = read_kernel_facts(kernel, dev.smem_per_block_optin);
-  known.emplace(key, f);
+  known.facts.emplace(key, f);
   return f;
+}
+
+template <class Kernel>
+bool resident_refused(Kernel kernel, const DeviceInfo& dev) {
+  KnownFacts& known = known_facts();
+  std::lock_guard<std::mutex> lock(known.mu);
+  return known.refused.count(std::make_pair(reinterpret_cast<const void*>(kernel), dev.index)) > 0;
+}
+
+template <class Kernel>
+void refuse_resident(Kernel kernel, const DeviceInfo& dev) {
+  KnownFacts& known = known_facts();
+  std::lock_guard<std::mutex> lock(known.mu);
+  known.refused[std::make_pair(reinterpret_cast<const void*>(kernel), dev.index)] = true;
 }
 
 // Whether clusters of `cl` CTAs with `bytes` of dynamic shared memory each can be resident at all on
@@ -112,9 +145,10 @@ ResidentPlan plan_resident(Kernel kernel, const KernelFacts& f, int64_t vocab, i
   const bool clusters = dev.major >= 9 && f.clusters();
   const int64_t reserved = 1024 + f.static_smem;  // per CTA: the system's 1 KiB and our static arrays
   for (int per_sm : {3, 2}) {
-    const int64_t budget = std::min(dev.smem_per_sm / per_sm - reserved, dev.smem_per_block_optin - f.static_smem);
+    const int64_t budget = std::min(dev.smem_per_sm / per_sm - reserved, f.max_dynamic_smem);
     for (int cl : {1, 2, 4, 8, 16}) {
       if (cl > 1 && !clusters) break;
+      if (cl > 8 && !f.large_clusters) break;
       const int64_t per_cta = (vocab + cl - 1) / cl;
       const int64_t slice = (per_cta + N - 1) / N * N;
       const int64_t bytes = slice * int64_t(sizeof(X)) * streams;
@@ -130,13 +164,15 @@ template <class X, bool kSoft, bool kHard, int kTMode>
 LaunchReport launch_mode(KernelArgs k, const DeviceInfo& dev, cudaStream_t stream) {
   const DistillLaunch& a = k.a;
   constexpr int N = kVecElems<X>;
+  // 16-byte chunks need every row start aligned: the base pointers and the row strides.
   k.vec = a.vocab % N == 0 && aligned16(a.student) && (!kSoft || aligned16(a.teacher)) &&
+          a.student_row_stride % N == 0 && (!kSoft || a.teacher_row_stride % N == 0) &&
           aligned16(a.grad_student) && aligned16(a.grad_teacher);
 
   if constexpr (!std::is_same_v<X, double>) {
     const bool want = a.choice == KernelChoice::Resident || (a.choice == KernelChoice::Auto && a.vocab > kWarpRowMax);
-    if (want && k.vec) {
-      auto kernel = resident_kernel<X, kSoft, kHard, kTMode>;
+    auto kernel = resident_kernel<X, kSoft, kHard, kTMode>;
+    if (want && k.vec && !resident_refused(kernel, dev)) {
       const KernelFacts facts = kernel_facts(kernel, dev);
       const ResidentPlan plan = plan_resident<X>(kernel, facts, a.vocab, kSoft ? 2 : 1, dev);
       const int64_t blocks = a.rows * plan.cluster;
@@ -155,8 +191,13 @@ LaunchReport launch_mode(KernelArgs k, const DeviceInfo& dev, cudaStream_t strea
         attr[0].val.clusterDim.z = 1;
         cfg.attrs = attr;
         cfg.numAttrs = plan.cluster > 1 ? 1 : 0;
-        cudaLaunchKernelEx(&cfg, kernel, k);
-        return {"resident", plan.cluster};
+        // Refused (a cluster launch under MPS / MIG / green contexts, shared memory the partition lacks):
+        // the streaming kernel runs instead, now and on later calls.
+        if (cudaLaunchKernelEx(&cfg, kernel, k) == cudaSuccess) return {"resident", plan.cluster};
+        (void)cudaGetLastError();
+        refuse_resident(kernel, dev);
+        k.cluster = 1;
+        k.slice = 0;
       }
     }
   }

@@ -31,12 +31,15 @@ struct DeviceInfo {
 // the driver can compile for it).
 bool kernel_image_available();
 
-// One call's rows. Student and teacher have the same dtype here (the glue widens a mixed pair) and
-// are row-major (rows, vocab); the gradients are allocated by the glue with the same layout.
+// One call's rows. Student and teacher have the same dtype here (the glue widens a mixed pair), unit
+// stride along the vocabulary and any row stride (a vocabulary slice is read in place); the gradients
+// are contiguous (rows, vocab).
 struct DistillLaunch {
   DType dtype = DType::Float;
   const void* student = nullptr;
   const void* teacher = nullptr;    // unread when !params.has_soft
+  int64_t student_row_stride = 0;   // elements between rows
+  int64_t teacher_row_stride = 0;
   const int64_t* target = nullptr;  // null: no target (alpha == 1, no mask)
   int64_t ignore_index = -100;
   int64_t rows = 0;

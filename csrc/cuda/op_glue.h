@@ -25,6 +25,13 @@ inline at::ScalarType compute_dtype(const at::Tensor& student, const at::Tensor&
   return teacher.scalar_type() == student.scalar_type() ? student.scalar_type() : at::kFloat;
 }
 
+// Logits as the kernels read them: `compute` dtype, unit stride along the vocabulary, any row stride
+// (a vocabulary slice x[..., :V] of wider logits is read in place, not copied).
+inline at::Tensor rows_view(const at::Tensor& x, at::ScalarType compute) {
+  at::Tensor v = x.scalar_type() == compute ? x : x.to(compute);
+  return v.stride(1) == 1 && v.stride(0) >= 0 ? v : v.contiguous();
+}
+
 // Target as int64, soft_mask and weights (float64) contiguous on the device, and the float64 per-row
 // scratch the kernels write (the host casts it).
 struct RowBuffers {

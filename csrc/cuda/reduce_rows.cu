@@ -48,8 +48,20 @@ bool kernel_image_available() {
   const cudaError_t err = cudaFuncGetAttributes(&attr, mean_scale_kernel);
   if (err == cudaSuccess) return true;
   (void)cudaGetLastError();
-  return err != cudaErrorNoKernelImageForDevice && err != cudaErrorInvalidDeviceFunction &&
-         err != cudaErrorUnsupportedPtxVersion;
+  // No SASS for this GPU, and no PTX the driver will compile (too new, invalid, or JIT off / absent).
+  // Any other error is left for the launch to report.
+  switch (err) {
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInvalidDeviceFunction:
+    case cudaErrorInvalidKernelImage:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorInvalidPtx:
+    case cudaErrorJitCompilationDisabled:
+    case cudaErrorJitCompilerNotFound:
+      return false;
+    default:
+      return true;
+  }
 }
 
 void launch_mean_scale(const int64_t* target, int64_t rows, int64_t ignore_index, double* scale_out,

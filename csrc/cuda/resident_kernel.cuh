@@ -72,15 +72,15 @@ __global__ void __launch_bounds__(kThreads, 3) resident_kernel(const KernelArgs 
   // ---- stage the slice: all copies in flight at once, no registers held
   X* sm_s = reinterpret_cast<X*>(smem_raw);
   X* sm_t = sm_s + k.slice;  // k.slice is a multiple of N: 16-byte aligned
-  const X* srow = static_cast<const X*>(a.student) + row * V + lo;
-  const X* trow = kSoft ? static_cast<const X*>(a.teacher) + row * V + lo : nullptr;
+  const X* srow = static_cast<const X*>(a.student) + row * a.student_row_stride + lo;
+  const X* trow = kSoft ? static_cast<const X*>(a.teacher) + row * a.teacher_row_stride + lo : nullptr;
   const int64_t nch = (hi - lo) / N;
   for (int64_t c = tid; c < nch; c += nthreads) {
     __pipeline_memcpy_async(sm_s + c * N, srow + c * N, 16);
     if constexpr (kSoft) __pipeline_memcpy_async(sm_t + c * N, trow + c * N, 16);
   }
   __pipeline_commit();
-  const acc_t s_target = kHard ? to_acc(static_cast<const X*>(a.student)[row * V + y]) : acc_t(0);
+  const acc_t s_target = kHard ? to_acc(static_cast<const X*>(a.student)[row * a.student_row_stride + y]) : acc_t(0);
   __pipeline_wait_prior(0);
   __syncthreads();
 

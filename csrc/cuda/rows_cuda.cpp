@@ -12,12 +12,6 @@
 namespace fastkd::cuda {
 namespace {
 
-// Unit stride along the vocabulary, any row stride (a vocabulary slice is read in place).
-at::Tensor rows_view(const at::Tensor& x, at::ScalarType compute) {
-  at::Tensor v = x.scalar_type() == compute ? x : x.to(compute);
-  return v.stride(1) == 1 && v.stride(0) >= 0 ? v : v.contiguous();
-}
-
 RowsOutputs distill_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& soft_mask,
                               const at::Tensor& weights, double temperature, int64_t ignore_index,
@@ -36,7 +30,9 @@ RowsOutputs distill_rows_cuda(const at::Tensor& student, const at::Tensor& teach
   const at::Tensor &row_loss = b.row_loss, &row_soft = b.row_soft, &row_hard = b.row_hard;
   at::Tensor grad_s = student_grad ? at::empty({call.rows, call.vocab}, s.options()) : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad ? at::empty({call.rows, call.vocab}, t.options()) : at::empty({0}, teacher.options());
-  at::Tensor grad_scale = at::ones({}, student.options().dtype(at::kFloat));
+  const bool fp16_student = student_grad && student.scalar_type() == at::kHalf;
+  const bool fp16_teacher = teacher_grad && teacher.scalar_type() == at::kHalf;
+  at::Tensor grad_scale = fp16_gradient_scales(fp16_student || fp16_teacher, 2, call.rows, student.options());
 
   RowsKernelArgs a;
   a.dtype = kernel_dtype(compute);
@@ -55,15 +51,14 @@ RowsOutputs distill_rows_cuda(const at::Tensor& student, const at::Tensor& teach
   a.divergence = call.divergence.kind;
   a.beta = call.divergence.beta;
   a.one_minus_beta = call.divergence.one_minus_beta;
-  a.gradient_bound = divergence_gradient_bound(call.divergence);
-  a.fp16_grad = (student_grad && student.scalar_type() == at::kHalf) ||
-                (teacher_grad && teacher.scalar_type() == at::kHalf);
+  a.fp16_student = fp16_student;
+  a.fp16_teacher = fp16_teacher;
   a.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
   a.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
   a.row_loss = row_loss.data_ptr<double>();
   a.row_soft = row_soft.data_ptr<double>();
   a.row_hard = row_hard.data_ptr<double>();
-  a.grad_scale = grad_scale.data_ptr<float>();
+  a.grad_scale = grad_scale.dim() == 2 ? grad_scale.data_ptr<float>() : nullptr;
   launch_rows_kernel(a, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 

@@ -28,14 +28,14 @@ struct RowsKernelArgs {
   Divergence divergence = Divergence::ForwardKL;
   double beta = 0.0;
   double one_minus_beta = 1.0;
-  double gradient_bound = 4.0;  // divergence_gradient_bound(): sizes the float16 pre-scale
-  bool fp16_grad = false;
+  bool fp16_student = false;  // float16 gradients: pre-scaled per row (rows_row.h, gradient_coeffs)
+  bool fp16_teacher = false;
   void* grad_student = nullptr;  // contiguous (rows, vocab); null: not wanted
   void* grad_teacher = nullptr;
   double* row_loss = nullptr;  // device, length rows (float64 scratch; the host casts)
   double* row_soft = nullptr;
   double* row_hard = nullptr;
-  float* grad_scale = nullptr;  // device scalar: the pre-scale the gradients carry
+  float* grad_scale = nullptr;  // device (2, rows): each row's pre-scale, student then teacher; null: all 1
 };
 
 void launch_rows_kernel(const RowsKernelArgs& args, cudaStream_t stream);

@@ -41,7 +41,8 @@ SparseOutputs sparse_distill_rows_cuda(const at::Tensor& student, const at::Tens
   const at::Tensor &y = b.target, &mask = b.soft_mask, &w = b.weights;
   const at::Tensor &row_loss = b.row_loss, &row_soft = b.row_soft, &row_hard = b.row_hard;
   at::Tensor grad_s = student_grad ? at::empty({call.rows, call.vocab}, s.options()) : at::empty({0}, student.options());
-  at::Tensor grad_scale = at::ones({}, student.options().dtype(at::kFloat));
+  const bool fp16_grad = student_grad && student.scalar_type() == at::kHalf;
+  at::Tensor grad_scale = fp16_gradient_scales(fp16_grad, 1, call.rows, student.options());
   // Each block holds a bitmap of the vocabulary (its row's support), zero between rows.
   const int64_t blocks =
       call.rows > 0 ? sparse_grid_blocks(kernel_dtype(s.scalar_type()), call.rows, multiprocessors(s.get_device())) : 0;
@@ -64,13 +65,12 @@ SparseOutputs sparse_distill_rows_cuda(const at::Tensor& student, const at::Tens
   a.vocab = call.vocab;
   a.label_smoothing = label_smoothing;
   a.sparse = call.sparse;
-  a.gradient_bound = divergence_gradient_bound(call.divergence);
-  a.fp16_grad = student_grad && student.scalar_type() == at::kHalf;
+  a.fp16_grad = fp16_grad;
   a.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
   a.row_loss = row_loss.data_ptr<double>();
   a.row_soft = row_soft.data_ptr<double>();
   a.row_hard = row_hard.data_ptr<double>();
-  a.grad_scale = grad_scale.data_ptr<float>();
+  a.grad_scale = fp16_grad ? grad_scale.data_ptr<float>() : nullptr;
   a.support = static_cast<uint32_t*>(support.data_ptr());
   a.blocks = blocks;
   launch_sparse_kernel(a, stream);

@@ -27,13 +27,12 @@ struct SparseKernelArgs {
   int64_t vocab = 0;
   double label_smoothing = 0.0;
   SparseRowConfig sparse;       // the divergence, the tail and 1 / T
-  double gradient_bound = 4.0;  // divergence_gradient_bound(): sizes the float16 pre-scale
-  bool fp16_grad = false;
+  bool fp16_grad = false;        // float16 gradient: pre-scaled per row
   void* grad_student = nullptr;  // contiguous (rows, vocab) of dtype; null: not wanted
   double* row_loss = nullptr;    // device, length rows (float64 scratch; the host casts)
   double* row_soft = nullptr;
   double* row_hard = nullptr;
-  float* grad_scale = nullptr;  // device scalar: the pre-scale the gradient carries
+  float* grad_scale = nullptr;  // device (rows,): each row's pre-scale; null when not fp16_grad
   // One bitmap of the support per block, (blocks, sparse_support_words(vocab)), all zero; the kernel
   // leaves it zero. The grid is `blocks` blocks.
   uint32_t* support = nullptr;

@@ -38,8 +38,8 @@ __device__ __forceinline__ void stream_row(const KernelArgs& k, int64_t row, int
     if (lane == 0) write_row<acc_t>(a, row, 0, 0, 0);
     return;
   }
-  const X* srow = static_cast<const X*>(a.student) + row * V;
-  const X* trow = kSoft ? static_cast<const X*>(a.teacher) + row * V : nullptr;
+  const X* srow = static_cast<const X*>(a.student) + row * a.student_row_stride;
+  const X* trow = kSoft ? static_cast<const X*>(a.teacher) + row * a.teacher_row_stride : nullptr;
   const acc_t s_target = kHard ? to_acc(srow[y]) : acc_t(0);
   const int64_t nchunks = V / N;
   const int64_t stride = int64_t(lanes) * U;
