@@ -9,9 +9,9 @@
 # The stages run in the order of what a first run must learn, each under its own time limit (a
 # stage that hangs or runs long is stopped there and the next one starts): the stages up to the
 # sanitizers are sized so that all of them run even when every one of them takes its whole limit;
-# the benchmarks and the slow tests get what is left of GPU_CHECK_BUDGET (default 500 s) and are
-# skipped, in that order, when it is spent. A summary at the end says what ran, passed, failed,
-# timed out or was skipped. The exit status is 1 when a stage failed or timed out.
+# the benchmarks and the slow tests after them get what is left of GPU_CHECK_BUDGET (default 500 s),
+# and the last of them are skipped when it is spent. A summary at the end says what ran, passed,
+# failed, timed out or was skipped. The exit status is 1 when a stage failed or timed out.
 #
 #   env                 GPU, driver, torch, nvcc, cmake, compute-sanitizer, the Python packages
 #   build               pip install --no-build-isolation --no-deps -e ., CUDA for sm_90 only
