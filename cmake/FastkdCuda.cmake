@@ -12,13 +12,12 @@ string(TOLOWER "${FASTKD_CUDA}" FASTKD_CUDA)
 if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
   set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0")
 endif()
-set(FASTKD_CUDA_ARCHS_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
-# torch's CMake config turns TORCH_CUDA_ARCH_LIST into the -gencode flags. Without any "+PTX", the
-# last (newest) arch also ships PTX: GPUs newer than every arch built (sm_100, sm_120, ...) then
-# JIT-compile it instead of finding no kernel image.
-if(FASTKD_CUDA_ARCHS_LIST AND NOT FASTKD_CUDA_ARCHS_LIST MATCHES "\\+PTX")
-  list(POP_BACK FASTKD_CUDA_ARCHS_LIST _fastkd_last)
-  list(APPEND FASTKD_CUDA_ARCHS_LIST "${_fastkd_last}+PTX")
+include("${CMAKE_CURRENT_LIST_DIR}/FastkdCudaArchs.cmake")
+fastkd_cuda_arch_list("$ENV{TORCH_CUDA_ARCH_LIST}" FASTKD_CUDA_ARCHS_LIST FASTKD_CUDA_CMAKE_ARCHS
+                      FASTKD_CUDA_ARCHS_ERROR)
+# A list this file cannot read (torch also takes names such as "Hopper") is an error only when the
+# kernels are built (below); otherwise torch's config gets it as it was.
+if(NOT FASTKD_CUDA_ARCHS_ERROR)
   set(ENV{TORCH_CUDA_ARCH_LIST} "${FASTKD_CUDA_ARCHS_LIST}")
 endif()
 string(REPLACE ";" " " FASTKD_CUDA_ARCHS_STRING "${FASTKD_CUDA_ARCHS_LIST}")  # for a compile definition
@@ -60,18 +59,10 @@ if(FASTKD_CUDA STREQUAL "on" AND NOT FASTKD_WITH_CUDA)
 endif()
 
 if(FASTKD_WITH_CUDA)
-  # "8.0;9.0a" -> "80;90a" for CMake; "+PTX" adds PTX for the last arch.
-  set(_archs "")
-  foreach(a IN LISTS FASTKD_CUDA_ARCHS_LIST)
-    string(REPLACE "+PTX" "" a_clean "${a}")
-    string(REPLACE "." "" a_num "${a_clean}")
-    if(a MATCHES "\\+PTX")
-      list(APPEND _archs "${a_num}")
-    else()
-      list(APPEND _archs "${a_num}-real")
-    endif()
-  endforeach()
-  set(CMAKE_CUDA_ARCHITECTURES "${_archs}")
+  if(FASTKD_CUDA_ARCHS_ERROR)
+    message(FATAL_ERROR "${FASTKD_CUDA_ARCHS_ERROR}")
+  endif()
+  set(CMAKE_CUDA_ARCHITECTURES "${FASTKD_CUDA_CMAKE_ARCHS}")
   set(CMAKE_CUDA_STANDARD 20)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   enable_language(CUDA)

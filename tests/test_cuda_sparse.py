@@ -2,7 +2,8 @@
 reference and the CPU kernel: every divergence, both tails, every dtype, int32 / int64 indices, padding
 slots, masks, K above the block size, more rows than the grid, strided students, the float16
 pre-scale, opcheck, determinism, the routing of distill_loss / fused_linear_distill_loss to the op, and
-the device-side index checks. Marked ``cuda``: skipped without a GPU."""
+the device-side index checks. Marked ``cuda``: skipped without a GPU; ``slow`` as well: opcheck and the
+fresh processes, which scripts/gpu_check.sh runs after the fast tier."""
 from __future__ import annotations
 
 import subprocess
@@ -174,6 +175,7 @@ def test_float16_pre_scale_matches_the_cpu_and_survives_a_grad_scaler():
     assert int(flushed.sum()) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["f32-grad-target", "bf16-grad-mask", "f64-nograd", "f16-grad-target"])
 def test_opcheck(variant):
     dtype = {"f32": F32, "bf16": BF16, "f64": F64, "f16": F16}[variant.split("-")[0]]
@@ -223,6 +225,7 @@ def test_every_entry_point_runs_the_op_without_the_fallback(monkeypatch):
     torch.testing.assert_close(c.cpu(), want_linear, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["out_of_range", "listed_twice"])
 def test_bad_indices_stop_on_a_device_side_assert(bad):
     """Where the CPU op raises, the kernel asserts (the host never reads the indices); a fresh process,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fastkd.bench import memory, report
-from fastkd.bench.config import Options, parse_options
+from fastkd.bench.config import HBM_PEAK_GBPS, Options, parse_options
 from fastkd.bench.contenders import FASTKD
 from fastkd.bench.isolate import run_case_isolated
 from fastkd.bench.machine import copy_bandwidth_gbps, environment, machine_name
@@ -18,6 +18,12 @@ from fastkd.bench.runner import run_case
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def given_peak_source(device: str, peak_gbps: float) -> str:
+    """How a given roofline is described: the CUDA default is an H200's HBM, other values are the user's."""
+    named = device == "cuda" and peak_gbps == HBM_PEAK_GBPS
+    return f"{peak_gbps:g} GB/s" + (" (H200 HBM3e)" if named else "")
 
 
 def method_notes(opts: Options, peak_source: str) -> list[str]:
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.peak_gbps = copy_bandwidth_gbps()
         peak_source = f"{opts.peak_gbps:.1f} GB/s, this machine's measured copy bandwidth (256 MiB tensor copy)"
     else:
-        peak_source = f"{opts.peak_gbps:g} GB/s" + (" (H200 HBM3e)" if opts.device == "cuda" else "")
+        peak_source = given_peak_source(opts.device, opts.peak_gbps)
     notes: list[str] = list(opts.notes)
     print(f"fastkd bench on {machine}: torch {env['torch']}, {env['cpu_model']} x{env['cpu_cores']}"
           + (f", {env['gpu_name']}" if opts.device == "cuda" else "") + f"; {len(opts.cases)} case(s)",
