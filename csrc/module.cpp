@@ -11,7 +11,8 @@ namespace py = pybind11;
 
 #if FASTKD_WITH_CUDA
 namespace fastkd::cuda {
-std::string last_kernel();  // cuda/distill_cuda.cpp
+std::string last_kernel();                // cuda/distill_cuda.cpp
+bool kernel_image_available_on(int device);  // cuda/distill_cuda.cpp
 }
 #endif
 
@@ -65,4 +66,16 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "Which CUDA kernel the last CUDA call of fastkd::distill_forward ran (tests, benchmarks)");
+  m.def(
+      "cuda_kernel_image_available",
+      [](int device) {
+#if FASTKD_WITH_CUDA
+        return fastkd::cuda::kernel_image_available_on(device);
+#else
+        (void)device;
+        return false;
+#endif
+      },
+      py::arg("device"),
+      "Whether this build has CUDA code that GPU `device` (an index) runs; False in a build without CUDA");
 }

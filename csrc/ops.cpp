@@ -29,4 +29,30 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor weights, float temperature, int ignore_index, float label_smoothing, str divergence, float beta, "
       "str tail, bool student_grad) "
       "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_scale)");
+
+  // The .temperature_tensor overloads: each op with `Tensor temperature`, a 0-d floating-point CPU tensor
+  // read on the host (temperature_overloads.cpp), in place of `float temperature`. torch.compile passes a
+  // temperature this way: a float argument is specialised, one graph per value, a tensor is an input of
+  // the graph. Reading a host value at run time makes a call unfit for CUDA-graph replay (a replay would
+  // keep the captured temperature), hence the cudagraph_unsafe tag: inductor runs the op outside its
+  // CUDA graphs.
+  const std::vector<at::Tag> host_read{at::Tag::cudagraph_unsafe};
+  m.def(
+      "distill_forward.temperature_tensor(Tensor student, Tensor teacher, Tensor? target, Tensor temperature, "
+      "float alpha, int ignore_index, float label_smoothing, bool scale_by_temperature_squared, str reduction, "
+      "int batch_size, bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_teacher)",
+      host_read);
+  m.def(
+      "distill_rows.temperature_tensor(Tensor student, Tensor teacher, Tensor? target, Tensor? soft_mask, "
+      "Tensor weights, Tensor temperature, int ignore_index, float label_smoothing, str divergence, float beta, "
+      "bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_teacher, Tensor grad_scale)",
+      host_read);
+  m.def(
+      "sparse_distill_rows.temperature_tensor(Tensor student, Tensor indices, Tensor values, Tensor? target, "
+      "Tensor? soft_mask, Tensor weights, Tensor temperature, int ignore_index, float label_smoothing, "
+      "str divergence, float beta, str tail, bool student_grad) "
+      "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_scale)",
+      host_read);
 }

@@ -1,50 +1,24 @@
 """``fastkd.distill_loss``: the fused distillation loss, a drop-in for the plain PyTorch one."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from fastkd import ops, reference
-from fastkd._cuda_fallback import fused_or_reference
+from fastkd import _cuda_fallback, ops, reference
 from fastkd._validation import check_distill_args
 from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
-_warned_devices: set[str] = set()
-
 
 def has_kernel(device: torch.device) -> bool:
-    """Whether a fused fastkd kernel is registered for this device type."""
-    return _has_kernel_for(device.type)
-
-
-def _kernel_device_types(op: str) -> frozenset[str]:
-    """The device types with a kernel registered for ``op``: a fact of the build, fixed once _C has
-    loaded. torch.compile reads the frozenset as a constant without tracing the dispatcher query, and
-    importing fastkd does not import torch.compile's machinery."""
-    keys = (("cpu", "CPU"), ("cuda", "CUDA"))
-    found = (dev for dev, key in keys if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
-    return frozenset(["meta", *found])
-
-
-_FORWARD_KL_KERNELS = _kernel_device_types("fastkd::distill_forward")
-_ROWS_KERNELS = _kernel_device_types("fastkd::distill_rows")
-_SPARSE_KERNELS = _kernel_device_types("fastkd::sparse_distill_rows")
-
-
-def _has_kernel_for(device_type: str) -> bool:
-    return device_type in _FORWARD_KL_KERNELS
-
-
-def _has_rows_kernel_for(device_type: str) -> bool:
-    return device_type in _ROWS_KERNELS
+    """Whether fastkd's fused kernels run on this device (else the losses run ``fastkd.reference``): this
+    build has kernels for its type and, for a GPU, code for its arch."""
+    return _cuda_fallback.fused_kernels_run_on(device)
 
 
 def _sparse_op_checks_indices(student_logits: object) -> bool:
     """Whether the sparse op runs and checks a SparseTeacher's indices itself (range and duplicates in
     one pass, cheaper than the sort of the Python check)."""
-    return isinstance(student_logits, torch.Tensor) and student_logits.device.type in _SPARSE_KERNELS
+    return isinstance(student_logits, torch.Tensor) and has_kernel(student_logits.device)
 
 
 def distill_loss(
@@ -127,42 +101,30 @@ def distill_loss(
         label_smoothing=label_smoothing, scale_by_temperature_squared=scale_by_temperature_squared,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
-    device = student_logits.device
+    # One decision for every route (dense, sparse, any divergence or dtype), before any kernel runs.
+    if not has_kernel(student_logits.device):
+        _cuda_fallback.warn_fallback(student_logits.device, stacklevel=2)
+        return reference.distill_loss(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
     if _tuned_forward_kl_applies(student_logits, teacher_logits, divergence, soft_mask, num_items_in_batch):
-        return fused_or_reference(_fused_forward_kl, student_logits, teacher_logits, target,
-                                  return_terms=return_terms, **kwargs)
-    sparse = isinstance(teacher_logits, SparseTeacher)
-    if device.type in _SPARSE_KERNELS if sparse else _has_rows_kernel_for(device.type):
-        return _fused_rows(
-            student_logits, teacher_logits, target, return_terms=return_terms, **{**kwargs, "beta": resolved_beta}
-        )
-    if not sparse and has_kernel(device) and divergence == "forward_kl" and soft_mask is None and (
-            num_items_in_batch is None):
-        return fused_or_reference(_fused_forward_kl, student_logits, teacher_logits, target,
-                                  return_terms=return_terms, **kwargs)
-    if device.type not in _warned_devices:
-        _warned_devices.add(device.type)
-        warnings.warn(
-            f"fastkd has no kernel for this loss on device '{device.type}' in this build; using the plain "
-            "PyTorch loss (fastkd.reference), which is slower and holds more memory",
-            RuntimeWarning, stacklevel=2,
-        )
-    return reference.distill_loss(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
+        return _fused_forward_kl(student_logits, teacher_logits, target, return_terms=return_terms, **kwargs)
+    return _fused_rows(
+        student_logits, teacher_logits, target, return_terms=return_terms, **{**kwargs, "beta": resolved_beta}
+    )
 
 
 def _tuned_forward_kl_applies(
     student_logits: torch.Tensor, teacher_logits: object, divergence: str, soft_mask: torch.Tensor | None,
     num_items_in_batch: object,
 ) -> bool:
-    """On CUDA, forward KL without soft_mask / num_items_in_batch runs the tuned kernels (resident and
-    stream, fastkd::distill_forward); everything else runs fastkd::distill_rows' generic kernel. float16
-    gradients go to the latter, whose pre-scale keeps them from flushing to zero under GradScaler."""
+    """On CUDA (where the fused kernels run), forward KL without soft_mask / num_items_in_batch runs the
+    tuned kernels (resident and stream, fastkd::distill_forward); everything else runs fastkd::distill_rows'
+    generic kernel. float16 gradients go to the latter, whose pre-scale keeps them from flushing to zero
+    under GradScaler."""
     return (
         student_logits.device.type == "cuda"
         and isinstance(teacher_logits, torch.Tensor)
         and divergence == "forward_kl" and soft_mask is None and num_items_in_batch is None
         and torch.float16 not in (student_logits.dtype, teacher_logits.dtype)
-        and _has_kernel_for("cuda")
     )
 
 
@@ -171,13 +133,41 @@ def _row_weights(
     soft_scale: float, ignore_index: int, reduction: str, batch: int,
     num_items_in_batch: int | torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
-    """The kernel's (soft, hard) weights and the normalisers of the two terms, as tensors on the
-    logits' device where they depend on the data (no host sync)."""
+    """The kernel's (soft, hard) weights, a float64 tensor on the logits' device, and the normalisers of
+    the two terms: Python numbers, or 0-d tensors where they depend on the data. Nothing here waits for
+    the device or copies a host value to it: counts are taken on the device, and Python numbers enter
+    the weights as kernel arguments (_device_scalar)."""
+    soft_norm, hard_norm = _normalisers(rows, target, soft_mask, ignore_index=ignore_index, reduction=reduction,
+                                        batch=batch, num_items_in_batch=num_items_in_batch)
+    weights = torch.stack([_device_scalar(alpha * soft_scale * soft_norm, rows.device),
+                           _device_scalar((1.0 - alpha) * hard_norm, rows.device)])
+    return weights, soft_norm, hard_norm
+
+
+def _device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``value`` as a float64 0-d tensor on ``device``. A Python number, or a CPU 0-d tensor, multiplies a
+    tensor of ones and so travels as a kernel argument: torch.as_tensor / torch.tensor would copy it from
+    the host, a copy that waits and cannot be captured in a CUDA graph. Under torch.compile a symbolic
+    value stays an input of the graph this way instead of being specialised."""
+    if isinstance(value, torch.Tensor) and value.device == device:
+        return value.to(torch.float64)
+    return torch.ones((), dtype=torch.float64, device=device) * value
+
+
+def _normalisers(
+    rows: torch.Tensor, target: torch.Tensor | None, soft_mask: torch.Tensor | None, *, ignore_index: int,
+    reduction: str, batch: int, num_items_in_batch: int | torch.Tensor | None,
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """What the soft and the hard term are multiplied by: 1 / |S| and 1 / |H| (counted on the device) for
+    "mean", 1 / num_items_in_batch (a tensor stays on its own device: a CPU count is not copied), 1 /
+    batch for "batchmean", 1 otherwise."""
     soft_norm: torch.Tensor | float
     hard_norm: torch.Tensor | float
     if reduction == "mean" and num_items_in_batch is not None:
-        count = torch.as_tensor(num_items_in_batch, device=rows.device).to(torch.float64)
-        soft_norm = hard_norm = 1.0 / count
+        if isinstance(num_items_in_batch, torch.Tensor):
+            soft_norm = hard_norm = 1.0 / num_items_in_batch.to(torch.float64)
+        else:
+            soft_norm = hard_norm = 1.0 / num_items_in_batch
     elif reduction == "mean":
         hard_rows = (target != ignore_index).sum() if target is not None else None
         soft_rows = soft_mask.sum() if soft_mask is not None else hard_rows
@@ -188,11 +178,7 @@ def _row_weights(
         soft_norm = hard_norm = 1.0 / batch
     else:
         soft_norm = hard_norm = 1.0
-    soft_w = alpha * soft_scale * soft_norm
-    hard_w = (1.0 - alpha) * hard_norm
-    weights = torch.stack([torch.as_tensor(soft_w, dtype=torch.float64, device=rows.device),
-                           torch.as_tensor(hard_w, dtype=torch.float64, device=rows.device)])
-    return weights, soft_norm, hard_norm
+    return soft_norm, hard_norm
 
 
 def _fused_rows(
@@ -219,9 +205,9 @@ def _fused_rows(
         )
         return _reduced_terms(loss_rows, soft_rows, hard_rows, lead, reduction, soft_norm, hard_norm, return_terms)
     t = teacher_logits.reshape(-1, vocab)
-    # temperature goes in as given: a float() here would make torch.compile(dynamic=True) specialise on it.
-    loss_rows, soft_rows, hard_rows, *_ = ops.distill_rows(
-        s, t, y, mask, weights, temperature, int(ignore_index), float(label_smoothing), divergence,
+    op, op_temperature = ops.with_temperature(ops.distill_rows, temperature)
+    loss_rows, soft_rows, hard_rows, *_ = op(
+        s, t, y, mask, weights, op_temperature, int(ignore_index), float(label_smoothing), divergence,
         float(beta), grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad,
     )
     return _reduced_terms(loss_rows, soft_rows, hard_rows, lead, reduction, soft_norm, hard_norm, return_terms)
@@ -248,11 +234,12 @@ def _fused_forward_kl(
     """The CUDA forward-KL kernel (its op reduces inside; no soft_mask or num_items_in_batch)."""
     vocab = student_logits.shape[-1]
     grad_on = torch.is_grad_enabled()
-    loss, soft, hard, _, _ = ops.distill_forward(
+    op, op_temperature = ops.with_temperature(ops.distill_forward, temperature)
+    loss, soft, hard, _, _ = op(
         student_logits.reshape(-1, vocab),
         teacher_logits.reshape(-1, vocab),
         None if target is None else target.reshape(-1),
-        float(temperature), float(alpha), int(ignore_index), float(label_smoothing),
+        op_temperature, float(alpha), int(ignore_index), float(label_smoothing),
         bool(scale_by_temperature_squared), reduction,
         student_logits.shape[0] if student_logits.dim() > 1 else 1,
         grad_on and student_logits.requires_grad,

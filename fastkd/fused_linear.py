@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd import ops, reference
+from fastkd import _cuda_fallback, ops, reference
 from fastkd._validation import check_distill_args
-from fastkd.functional import _SPARSE_KERNELS, _has_rows_kernel_for, _reduced_terms, _row_weights
+from fastkd.functional import _reduced_terms, _row_weights, has_kernel
 from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
@@ -175,18 +175,17 @@ def _default_chunk_size(vocab: int, element_bytes: int, device_type: str) -> int
 
 def _run_chunks(
     student: _Side, teacher: _Side, head: _Head, target: torch.Tensor | None, soft_mask: torch.Tensor | None,
-    weights: torch.Tensor, chunk_size: int, row_grad: torch.Tensor | None, kw: dict,
+    weights: torch.Tensor, chunk_size: int, row_grad: torch.Tensor | None, kw: dict, fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over all rows: the per-row loss terms, and the gradients into the sides' accumulators
-    (each row's logits gradient scaled by row_grad when given: reduction "none")."""
+    (each row's logits gradient scaled by row_grad when given: reduction "none"). Each chunk runs the
+    fused op when ``fused`` (the kernels run on this device), else its plain PyTorch twin."""
     n = student.hidden.shape[0]
     want_s, want_t = student.wants_grad(), teacher.wants_grad()
-    # The fused op where this build has it for the device, else its plain PyTorch twin.
-    device = student.hidden.device.type
-    rows_op = ops.distill_rows if _has_rows_kernel_for(device) else reference.distill_rows
-    sparse_op = device in _SPARSE_KERNELS
-    if isinstance(teacher.logits, SparseTeacher) and not sparse_op:
-        rows_op = reference.distill_rows
+    # The fused op, or its plain PyTorch twin (which takes a dense or a top-k teacher alike).
+    rows_op, op_temperature = ops.with_temperature(ops.distill_rows, kw["temperature"]) if fused else (
+        reference.distill_rows, kw["temperature"])
+    rest = (kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"])
     # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
     keep = head.softcap is None and head.logit_scale == 1.0
     loss_rows, soft_rows, hard_rows = [], [], []
@@ -196,12 +195,13 @@ def _run_chunks(
         zt = teacher.chunk_logits(head, rows, min(chunk_size, n))
         y_chunk = None if target is None else target[rows]
         mask_chunk = None if soft_mask is None else soft_mask[rows]
-        args = (weights, kw["temperature"], kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"])
-        if isinstance(zt, SparseTeacher) and sparse_op:
-            loss, soft, hard, gs, grad_scale = sparse_rows(zt, zs, y_chunk, mask_chunk, *args, want_s)
+        if isinstance(zt, SparseTeacher) and fused:
+            loss, soft, hard, gs, grad_scale = sparse_rows(
+                zt, zs, y_chunk, mask_chunk, weights, kw["temperature"], *rest, want_s)
             gt = None
         else:
-            loss, soft, hard, gs, gt, grad_scale = rows_op(zs, zt, y_chunk, mask_chunk, *args, want_s, want_t)
+            loss, soft, hard, gs, gt, grad_scale = rows_op(
+                zs, zt, y_chunk, mask_chunk, weights, op_temperature, *rest, want_s, want_t)
         loss_rows.append(loss)
         soft_rows.append(soft)
         hard_rows.append(hard)
@@ -235,11 +235,19 @@ class _FusedLinearDistill(torch.autograd.Function):
             _allocate_grads(student, teacher, needs, head.vocab)
         loss_rows, soft_rows, hard_rows = _run_chunks(
             student, teacher, head, cfg["target"], cfg["soft_mask"], cfg["weights"], cfg["chunk_size"], None, kw,
+            cfg["fused"],
         )
         ctx.cfg = cfg
         ctx.per_row = per_row
+        # Where a refused double backward hangs from (ops.refusing_double_backward).
+        ctx.anchors = ops.graph_anchors(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits) if (
+            cfg["grad_enabled"]) else ()
         if per_row:
-            ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits)
+            # A top-k teacher is saved as its two tensors (save_for_backward takes tensors only).
+            sparse = isinstance(t_logits, SparseTeacher)
+            ctx.sparse_teacher = (t_logits.kind, t_logits.tail) if sparse else None
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
+                                  *((t_logits.indices, t_logits.values) if sparse else (t_logits, None)))
         else:
             ctx.grads = _collect_grads(student, teacher, needs)
         ctx.mark_non_differentiable(soft_rows, hard_rows)
@@ -249,14 +257,16 @@ class _FusedLinearDistill(torch.autograd.Function):
     def backward(ctx, grad_loss_rows, _grad_soft, _grad_hard):
         if ctx.per_row:
             inputs = ctx.saved_tensors
-            student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], inputs[6])
+            t_logits = inputs[6] if ctx.sparse_teacher is None else SparseTeacher(*inputs[6:], *ctx.sparse_teacher)
+            student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], t_logits)
             cfg = ctx.cfg
             _allocate_grads(student, teacher, ctx.needs_input_grad[1:], cfg["head"].vocab)
             with torch.no_grad():  # closed-form gradients, also under create_graph=True (refused below)
                 _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
-                            cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"])
+                            cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"],
+                            cfg["fused"])
             grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
-            grads = ops.refusing_double_backward(grads)
+            grads = ops.refusing_double_backward(grads, ctx.anchors, grad_loss_rows)
         else:
             if ctx.grads is None:
                 raise RuntimeError("Trying to backward through the fused linear distillation loss a second time: "
@@ -265,7 +275,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             scale = grad_loss_rows.reshape(-1)[:1].sum()  # 0 when there are no rows (nor gradients)
             grads = ctx.grads
             held = [g for g in grads if g is not None]
-            if held and _has_rows_kernel_for(held[0].device.type) and ops._reuse_saved_gradient_in_place(held[0]):
+            if held and ctx.cfg["fused"] and ops._reuse_saved_gradient_in_place(held[0]):
                 # This graph is freed after this backward: scale in place (nothing at all for a grad_output
                 # of 1) and let go, so autograd keeps the tensors as .grad without a copy.
                 ctx.grads = None
@@ -274,7 +284,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             else:
                 grads = [None if g is None else (g.to(_accumulation_dtype(g.dtype)) * scale).to(g.dtype)
                          for g in grads]
-            grads = ops.refusing_double_backward(grads)
+            grads = ops.refusing_double_backward(grads, ctx.anchors, grad_loss_rows)
         return (None, *grads)
 
 
@@ -379,10 +389,10 @@ def _check_head_args(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    if softcap is not None and not (isinstance(softcap, numbers.Real) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and 0 < softcap < math.inf):
         raise ValueError(f"softcap must be a finite float > 0, or None, got {softcap!r}")
-    if (isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not math.isfinite(logit_scale)
-            or logit_scale == 0):
+    if (isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real)
+            or not -math.inf < logit_scale < math.inf or logit_scale == 0):
         raise ValueError(f"logit_scale must be a finite non-zero float, got {logit_scale!r}")
     return vocab_size
 
@@ -463,12 +473,18 @@ def fused_linear_distill_loss(
         ignore_index=ignore_index, reduction=reduction,
         batch=student_hidden.shape[0] if student_hidden.dim() > 1 else 1, num_items_in_batch=num_items_in_batch,
     )
+    # The one decision of distill_loss: where the fused ops cannot run, each chunk runs their plain PyTorch twin.
+    fused = has_kernel(student_hidden.device)
+    if not fused:
+        _cuda_fallback.warn_fallback(student_hidden.device, stacklevel=2)
     head = _Head(vocab, float(logit_scale), None if softcap is None else float(softcap))
     cfg = dict(
         head=head, target=y, soft_mask=mask, weights=weights, reduction=reduction, grad_enabled=torch.is_grad_enabled(),
         chunk_size=int(chunk_size) if chunk_size else _default_chunk_size(vocab, student_hidden.element_size(), student_hidden.device.type),
-        kw=dict(temperature=float(temperature), ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+        # temperature as given: under torch.compile a symbolic one stays symbolic (ops.with_temperature).
+        kw=dict(temperature=temperature, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
                 divergence=divergence, beta=float(beta)),
+        fused=fused,
     )
     t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     if isinstance(teacher_logits, SparseTeacher):

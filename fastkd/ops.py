@@ -13,7 +13,27 @@ scale_grad_ = torch.ops.fastkd.scale_grad_
 sparse_distill_rows = torch.ops.fastkd.sparse_distill_rows
 
 
-@torch.library.register_fake("fastkd::distill_forward")
+def with_temperature(
+    op: torch._ops.OpOverloadPacket, temperature: float | torch.SymFloat | torch.SymInt,
+) -> tuple[torch._ops.OpOverload, float | torch.Tensor]:
+    """The overload of ``op`` to call with this temperature, and the temperature argument it takes. In
+    eager mode the float overload. While torch.compile traces, ``.temperature_tensor`` with T as a 0-d
+    float64 CPU tensor that the graph computes from its input: a float argument would be specialised,
+    one graph (and one compilation) per temperature. Both read T on the host."""
+    if torch.compiler.is_compiling() or isinstance(temperature, (torch.SymFloat, torch.SymInt)):
+        # A multiply, not torch.tensor(): torch.compile turns it into an op on the graph's input.
+        return op.temperature_tensor, torch.ones((), dtype=torch.float64, device="cpu") * temperature
+    return op.default, float(temperature)
+
+
+def _register(op: str, fake, backward, setup_context) -> None:
+    """The fake impl and the autograd formula of an op, for both of its overloads (a float or a tensor
+    temperature: the same arguments, at the same positions)."""
+    for name in (op, f"{op}.temperature_tensor"):
+        torch.library.register_fake(name, fake)
+        torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
 def _distill_forward_fake(
     student, teacher, target, temperature, alpha, ignore_index, label_smoothing,
     scale_by_temperature_squared, reduction, batch_size, student_grad, teacher_grad,
@@ -26,7 +46,6 @@ def _distill_forward_fake(
     return (*terms, grad_s, grad_t)
 
 
-@torch.library.register_fake("fastkd::distill_rows")
 def _distill_rows_fake(
     student, teacher, target, soft_mask, weights, temperature, ignore_index, label_smoothing, divergence, beta,
     student_grad, teacher_grad,
@@ -53,18 +72,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_s, grad_t)
     ctx.reduction = reduction
+    ctx.anchors = graph_anchors(inputs[0], inputs[1])
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Whether torch.compile, AOT autograd or a dispatch mode is tracing (rather than running) this code."""
+    return (
+        torch.compiler.is_compiling()
+        or type(x) is not torch.Tensor  # FakeTensor, FunctionalTensor, ...
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
 
 
 def _reuse_saved_gradient_in_place(grad: torch.Tensor) -> bool:
     """Scaling the saved gradient in place (and handing it to autograd, which then keeps it as .grad
     without a copy) is safe only when this graph is freed after this backward: not under
     retain_graph / create_graph, and not while torch.compile or AOT autograd traces the backward."""
-    tracing = (
-        torch.compiler.is_compiling()
-        or type(grad) is not torch.Tensor  # FakeTensor, FunctionalTensor, ...
-        or torch._C._len_torch_dispatch_stack() > 0
-    )
-    if tracing:
+    if _tracing(grad):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None:
@@ -89,14 +113,16 @@ def _backward(ctx, grad_loss, _grad_soft, _grad_hard, _grad_gs, _grad_gt):
         return (None,) * 12
     in_place = _reuse_saved_gradient_in_place(grad_s)
     d_student = d_teacher = None
-    if ctx.needs_input_grad[0] and grad_s.numel() > 0:
-        d_student = _scaled(grad_s, grad_loss, ctx.reduction, in_place)
-    if ctx.needs_input_grad[1] and grad_t.numel() > 0:
-        d_teacher = _scaled(grad_t, grad_loss, ctx.reduction, in_place)
+    with torch.no_grad():  # closed forms: under create_graph they get their graph from refusing_double_backward
+        if ctx.needs_input_grad[0] and grad_s.numel() > 0:
+            d_student = _scaled(grad_s, grad_loss, ctx.reduction, in_place)
+        if ctx.needs_input_grad[1] and grad_t.numel() > 0:
+            d_teacher = _scaled(grad_t, grad_loss, ctx.reduction, in_place)
+    d_student, d_teacher = refusing_double_backward([d_student, d_teacher], ctx.anchors, grad_loss)
     return (d_student, d_teacher) + (None,) * 10
 
 
-torch.library.register_autograd("fastkd::distill_forward", _backward, setup_context=_setup_context)
+_register("fastkd::distill_forward", _distill_forward_fake, _backward, _setup_context)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -105,11 +131,11 @@ class _NoDoubleBackward(torch.autograd.Function):
     be silently constant."""
 
     @staticmethod
-    def forward(ctx, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, grad: torch.Tensor, *anchors: torch.Tensor) -> torch.Tensor:
         return grad.view_as(grad)
 
     @staticmethod
-    def backward(ctx, _grad, _anchor=None):
+    def backward(ctx, _grad):
         raise RuntimeError(
             "fastkd's fused losses (distill_loss, fused_linear_distill_loss) do not support double backward "
             "(a gradient of their gradient, create_graph=True); use fastkd.reference.distill_loss on the "
@@ -117,11 +143,37 @@ class _NoDoubleBackward(torch.autograd.Function):
         )
 
 
+class _Anchor(torch.autograd.Function):
+    """An empty tensor whose graph leads to ``x``; it holds none of x's memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((0,))
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return None  # never reached: the only graph through an anchor is a refused double backward
+
+
+def graph_anchors(*inputs: object) -> tuple[torch.Tensor, ...]:
+    """An anchor on the autograd graph of each input that requires grad. The gradients a fused backward
+    hands out under create_graph=True hang from them (refusing_double_backward), so that a gradient of
+    those gradients with respect to any input reaches fastkd's error rather than torch's "not used in
+    the graph". An autograd.Function, not a tensor op: setup_context runs below the autograd dispatch
+    key, where tensor ops record no graph."""
+    wanted = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not wanted or _tracing(wanted[0]):
+        return ()
+    with torch.enable_grad():  # forward (and setup_context) run without grad mode
+        return tuple(_Anchor.apply(x) for x in wanted)
+
+
 def _rows_setup_context(ctx, inputs, output) -> None:
     _, soft, hard, grad_s, grad_t, grad_scale = output
     ctx.mark_non_differentiable(soft, hard, grad_s, grad_t, grad_scale)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_s, grad_t, grad_scale)
+    ctx.anchors = graph_anchors(inputs[0], inputs[1])
 
 
 def side_scale(grad_scale: torch.Tensor, side: int) -> torch.Tensor:
@@ -144,8 +196,10 @@ def _rows_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _ggt, _gscale):
     grad_s, grad_t, grad_scale = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 12
-    d_student, d_teacher = _scaled_stored_gradients(
-        grad_loss, grad_scale, (grad_s, grad_t), ctx.needs_input_grad[:2])
+    with torch.no_grad():  # closed forms: under create_graph they get their graph from refusing_double_backward
+        d_student, d_teacher = _scaled_stored_gradients(
+            grad_loss, grad_scale, (grad_s, grad_t), ctx.needs_input_grad[:2])
+    d_student, d_teacher = refusing_double_backward([d_student, d_teacher], ctx.anchors, grad_loss)
     return (d_student, d_teacher) + (None,) * 10
 
 
@@ -160,17 +214,22 @@ def _scaled_stored_gradients(
     out = [_scaled_rows(g, _row_factor(grad_loss, side_scale(grad_scale, side)), in_place)
            if need and g.numel() > 0 else None
            for side, (g, need) in enumerate(zip(grads, needed, strict=True))]
-    return refusing_double_backward(out)
+    return out
 
 
-def refusing_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def refusing_double_backward(
+    grads: list[torch.Tensor | None], anchors: tuple[torch.Tensor, ...] = (), grad_output: torch.Tensor | None = None,
+) -> list[torch.Tensor | None]:
     """Gradients handed out by a fused backward: under create_graph=True, ones that raise when
-    differentiated (they are closed forms, with no graph of their own); as they are otherwise."""
+    differentiated (they are closed forms, with no graph of their own), hung from ``anchors`` (the
+    inputs' graph_anchors) and from ``grad_output`` when it requires grad, so that a gradient of them
+    with respect to any of those reaches the error; as they are otherwise."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    # The anchor (a fresh leaf) puts them in the graph even when grad_output does not require grad.
-    anchor = torch.zeros((), requires_grad=True)
-    return [None if g is None else _NoDoubleBackward.apply(g, anchor) for g in grads]
+    links = anchors + ((grad_output,) if grad_output is not None and grad_output.requires_grad else ())
+    # Without any, a fresh leaf still puts them in a graph, so that their backward raises.
+    links = links or (torch.zeros((), requires_grad=True),)
+    return [None if g is None else _NoDoubleBackward.apply(g, *links) for g in grads]
 
 
 def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -184,10 +243,9 @@ def _scaled_rows(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> to
     return torch.mul(grad, factor.reshape(-1, 1), out=torch.empty_like(grad))
 
 
-torch.library.register_autograd("fastkd::distill_rows", _rows_backward, setup_context=_rows_setup_context)
+_register("fastkd::distill_rows", _distill_rows_fake, _rows_backward, _rows_setup_context)
 
 
-@torch.library.register_fake("fastkd::sparse_distill_rows")
 def _sparse_rows_fake(
     student, indices, values, target, soft_mask, weights, temperature, ignore_index, label_smoothing, divergence,
     beta, tail, student_grad,
@@ -205,15 +263,18 @@ def _sparse_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(soft, hard, grad_s, grad_scale)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_s, grad_scale)
+    ctx.anchors = graph_anchors(inputs[0])
 
 
 def _sparse_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _gscale):
     grad_s, grad_scale = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 13
-    (d_student,) = _scaled_stored_gradients(grad_loss, grad_scale, (grad_s,), ctx.needs_input_grad[:1])
+    with torch.no_grad():  # closed forms: under create_graph they get their graph from refusing_double_backward
+        (d_student,) = _scaled_stored_gradients(grad_loss, grad_scale, (grad_s,), ctx.needs_input_grad[:1])
+    (d_student,) = refusing_double_backward([d_student], ctx.anchors, grad_loss)
     return (d_student,) + (None,) * 12
 
 
 # The teacher (indices, values) gets no gradient: the sparse teacher is offline.
-torch.library.register_autograd("fastkd::sparse_distill_rows", _sparse_backward, setup_context=_sparse_setup_context)
+_register("fastkd::sparse_distill_rows", _sparse_rows_fake, _sparse_backward, _sparse_setup_context)

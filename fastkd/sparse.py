@@ -112,7 +112,7 @@ def sparse_soft_rows(
     val = teacher.values.reshape(-1, k).to(compute_dtype)
     valid = val != float("-inf")
     safe_idx = torch.where(valid, idx, torch.zeros_like(idx))  # a padding slot's index is not read
-    neg_inf = torch.tensor(float("-inf"), dtype=compute_dtype, device=val.device)
+    neg_inf = torch.full((), float("-inf"), dtype=compute_dtype, device=val.device)  # a fill: no host copy
     log_q = torch.log_softmax(student_logits.to(compute_dtype) / temperature, dim=-1)
     # The student's log-probabilities at the support; -inf at padding slots (q = 0 there, like p).
     lq = torch.where(valid, log_q.gather(-1, safe_idx), neg_inf)
@@ -150,7 +150,8 @@ def sparse_rows(
     from fastkd import ops
 
     k = teacher.k
-    return ops.sparse_distill_rows(
-        s, teacher.indices.reshape(-1, k), teacher.values.reshape(-1, k), y, mask, weights, temperature,
+    op, op_temperature = ops.with_temperature(ops.sparse_distill_rows, temperature)
+    return op(
+        s, teacher.indices.reshape(-1, k), teacher.values.reshape(-1, k), y, mask, weights, op_temperature,
         ignore_index, label_smoothing, divergence, beta, teacher.tail, student_grad,
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import functional
+from fastkd import _cuda_fallback
 
 
 def test_cuda_kernels_registered_in_a_cuda_build():
@@ -16,4 +16,4 @@ def test_cuda_kernels_registered_in_a_cuda_build():
                "fastkd::scale_grad_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
     # distill_loss and fused_linear_distill_loss send dense and sparse (top-k) teachers on CUDA to the ops.
-    assert "cuda" in functional._ROWS_KERNELS and "cuda" in functional._SPARSE_KERNELS
+    assert "cuda" in _cuda_fallback.FUSED_DEVICE_TYPES

@@ -232,12 +232,13 @@ def test_bad_input_is_named(kwargs, match):
 def test_devices_without_the_kernel_run_the_plain_pytorch_rows(monkeypatch, divergence, reduction):
     """Where the build has no fused kernel for the device, each chunk runs fastkd.reference.distill_rows:
     the same result."""
-    import fastkd.fused_linear as fused_linear
+    from fastkd import _cuda_fallback
 
     c = _case(teacher_extra=3)
     kw = dict(temperature=1.7, alpha=0.4, label_smoothing=0.1, divergence=divergence, reduction=reduction)
     want, want_grads = _fused(c, chunk_size=5, **dict(kw))
-    monkeypatch.setattr(fused_linear, "_has_rows_kernel_for", lambda device_type: False)
+    monkeypatch.setattr(_cuda_fallback, "fused_kernels_run_on", lambda device: False)
+    monkeypatch.setattr(_cuda_fallback, "_warned", {"cpu"})  # warned already: the warning has its own test
     got, got_grads = _fused(c, chunk_size=5, **dict(kw))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(got_grads, want_grads, strict=True):
@@ -247,7 +248,7 @@ def test_devices_without_the_kernel_run_the_plain_pytorch_rows(monkeypatch, dive
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_a_sparse_top_k_teacher(monkeypatch, tail, divergence):
-    import fastkd.fused_linear as fused_linear
+    from fastkd import _cuda_fallback
 
     c = _case()
     with torch.no_grad():
@@ -265,8 +266,8 @@ def test_a_sparse_top_k_teacher(monkeypatch, tail, divergence):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
     # Devices without the sparse kernel run the plain PyTorch rows: the same result.
-    monkeypatch.setattr(fused_linear, "_SPARSE_KERNELS", frozenset())
-    monkeypatch.setattr(fused_linear, "_has_rows_kernel_for", lambda device_type: False)
+    monkeypatch.setattr(_cuda_fallback, "fused_kernels_run_on", lambda device: False)
+    monkeypatch.setattr(_cuda_fallback, "_warned", {"cpu"})
     again = fastkd.fused_linear_distill_loss(c["hs"], c["ws"], c["y"], teacher_logits=teacher, student_bias=c["bs"],
                                              chunk_size=5, **kw)
     torch.testing.assert_close(again, want_loss, rtol=1e-12, atol=1e-14)

@@ -202,6 +202,13 @@ std::string last_kernel() {
   return name;
 }
 
+// Whether this build has code the GPU `device` runs (machine code for its arch, or PTX the driver
+// compiles): Python asks once per device, before it routes a loss to the ops (fastkd/_cuda_fallback.py).
+bool kernel_image_available_on(int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return device_info().kernel_image;
+}
+
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("distill_forward", &distill_forward_cuda);
   m.impl("scale_grad_", &scale_grad_cuda_);
