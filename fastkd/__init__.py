@@ -7,12 +7,13 @@ from fastkd import ops as _ops  # noqa: F401  (fake impls and autograd for the o
 from fastkd.functional import distill_loss, has_kernel
 from fastkd.fused_linear import FusedLinearDistillLoss, fused_linear_distill_loss
 from fastkd.loss import DistillLoss
+from fastkd.sharding import inside_forward
 from fastkd.sparse import SparseTeacher
 from fastkd.terms import DistillTerms
 from fastkd.trainer import Distiller  # tqdm / matplotlib / sklearn load only when used
 
 __version__ = "0.1.0"
-__all__ = ["DistillLoss", "FusedLinearDistillLoss", "fused_linear_distill_loss", "DistillTerms", "Distiller", "SparseTeacher", "build_info", "distill_loss", "has_kernel", "reference"]
+__all__ = ["DistillLoss", "FusedLinearDistillLoss", "fused_linear_distill_loss", "DistillTerms", "Distiller", "SparseTeacher", "build_info", "distill_loss", "has_kernel", "inside_forward", "reference"]
 
 
 def build_info() -> dict:

@@ -20,6 +20,7 @@ import torch
 from fastkd import _cuda_fallback, ops, reference
 from fastkd._validation import check_distill_args
 from fastkd.functional import _reduced_terms, _row_weights, has_kernel
+from fastkd.sharding import check_materialised
 from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
@@ -454,7 +455,12 @@ def fused_linear_distill_loss(
     Raises:
         TypeError, ValueError: bad arguments (sizes that do not match, vocabularies that differ without
             ``vocab_size``, everything :func:`fastkd.distill_loss` checks), before any matmul runs.
+        ValueError: a weight or bias is a shard (an FSDP2 DTensor, a DeepSpeed ZeRO-3 partition) read
+            outside its model's forward: call the loss through :func:`fastkd.inside_forward`.
     """
+    # A shard's shape is the whole parameter's (DTensor) or empty (ZeRO-3): refuse it before any shape check.
+    check_materialised(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
+                       teacher_bias=teacher_bias)
     teacher_logits = as_teacher(teacher_logits)  # a torch.topk result is a SparseTeacher
     vocab = _check_head_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              teacher_bias, teacher_logits, vocab_size, chunk_size, logit_scale, softcap)

@@ -2,8 +2,7 @@
 the lm_head's output transforms, and token counting."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -75,19 +74,3 @@ def last_hidden_state(base: nn.Module, inputs: Mapping[str, Any]) -> torch.Tenso
     out = base(**inputs)
     hidden = getattr(out, "last_hidden_state", None)
     return out[0] if hidden is None else hidden
-
-
-@contextlib.contextmanager
-def forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    """Run ``module``'s calls through ``forward`` inside the block (an instance attribute, restored on
-    exit), so that a wrapper (DistributedDataParallel) still runs its own forward around it."""
-    missing = object()
-    saved = module.__dict__.get("forward", missing)
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if saved is missing:
-            del module.forward
-        else:
-            module.forward = saved

@@ -15,11 +15,11 @@ from fastkd.integrations._hf_config import DistillationConfig
 from fastkd.integrations._hf_loss import (
     causal_lm_targets,
     count_targets,
-    forward_replaced,
     head_transform,
     last_hidden_state,
     lm_head_parts,
 )
+from fastkd.sharding import is_fsdp2, shard_frozen
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -78,6 +78,9 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"teacher_model must be a torch.nn.Module or None, got {type(teacher_model).__name__}")
         if trainer_kwargs.get("compute_loss_func") is not None:
             raise ValueError("DistillationTrainer computes the loss itself: do not pass compute_loss_func")
+        sharded = model is not None and is_fsdp2(model)
+        if sharded:
+            _owns_its_sharding(model)
         super().__init__(model=model, args=args, **trainer_kwargs)
         if self.args.n_gpu > 1:
             raise NotImplementedError(
@@ -89,7 +92,10 @@ class DistillationTrainer(transformers.Trainer):
         self.model_accepts_loss_kwargs = True
         if teacher_model is not None:
             teacher_model.eval()
-            if getattr(teacher_model, "hf_device_map", None) is None:
+            if sharded and self.args.world_size > 1 and not is_fsdp2(teacher_model):
+                # Sharded like the student, not a whole copy per process.
+                shard_frozen(teacher_model.to(self.args.device), self.args.device.type)
+            elif getattr(teacher_model, "hf_device_map", None) is None and not is_fsdp2(teacher_model):
                 teacher_model.to(self.args.device)
         self.teacher_model = teacher_model
 
@@ -193,41 +199,60 @@ class DistillationTrainer(transformers.Trainer):
         sparse_teacher: fastkd.SparseTeacher | None = None,
     ) -> torch.Tensor:
         """The loss from the student's final hidden states and lm_head weight, against the teacher model's
-        (or an offline top-k teacher): no N x V logits."""
+        (or an offline top-k teacher): no N x V logits.
+
+        Each head's weight is read inside its own model's forward (through the wrappers): FSDP2 has
+        gathered it there, once per step, and the student's lm_head gradient goes through the wrapper's
+        reduction (DistributedDataParallel's all-reduce, FSDP2's reduce-scatter) like every other one."""
         args: DistillationConfig = self.args
         student = self.accelerator.unwrap_model(model)
-        s_base, s_weight, s_bias = lm_head_parts(student)
         transform = head_transform(student)
-        vocab = args.vocab_size or s_weight.shape[0]
-        self._check_vocab("student lm_head", s_weight.shape[0], vocab)
-        if sparse_teacher is None:
-            t_base, t_weight, t_bias = lm_head_parts(self.teacher_model)
-            if head_transform(self.teacher_model) != transform:
-                raise ValueError(
-                    f"fused_linear=True applies one (logit_scale, softcap) to both heads, but the student's is "
-                    f"{transform} and the teacher's {head_transform(self.teacher_model)}; use fused_linear=False"
-                )
-            self._check_vocab("teacher lm_head", t_weight.shape[0], vocab)
-            with torch.no_grad():
-                t_hidden = last_hidden_state(t_base, self._teacher_inputs(inputs))
-            teacher = dict(teacher_hidden=t_hidden.to(t_weight.dtype), teacher_weight=t_weight.detach(),
-                           teacher_bias=None if t_bias is None else t_bias.detach())
-        else:
-            teacher = dict(teacher_logits=sparse_teacher)
+        if sparse_teacher is None and head_transform(self.teacher_model) != transform:
+            raise ValueError(
+                f"fused_linear=True applies one (logit_scale, softcap) to both heads, but the student's is "
+                f"{transform} and the teacher's {head_transform(self.teacher_model)}; use fused_linear=False"
+            )
 
-        def forward(**model_inputs: Any) -> torch.Tensor:
-            with self.accelerator.autocast():
-                hidden = last_hidden_state(s_base, model_inputs)
+        def loss_fn(hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: torch.Tensor | None, vocab: int,
+                    **teacher: Any) -> torch.Tensor:
             return fastkd.fused_linear_distill_loss(
                 hidden.to(s_weight.dtype), s_weight, target, student_bias=s_bias, logit_scale=transform[0],
                 softcap=transform[1], vocab_size=vocab, chunk_size=args.chunk_size, **teacher, **loss_kwargs,
             )
 
-        if model is student:
-            return forward(**inputs)
-        # Through the wrapper's forward: DistributedDataParallel prepares its gradient all-reduce there.
-        with forward_replaced(student, forward):
-            return model(**inputs)
+        def student_forward(**model_inputs: Any) -> torch.Tensor:
+            s_base, s_weight, s_bias = lm_head_parts(student)
+            vocab = args.vocab_size or s_weight.shape[0]
+            self._check_vocab("student lm_head", s_weight.shape[0], vocab)
+            with self.accelerator.autocast():
+                hidden = last_hidden_state(s_base, model_inputs)
+            if sparse_teacher is not None:
+                return loss_fn(hidden, s_weight, s_bias, vocab, teacher_logits=sparse_teacher)
+            return self._inside_teacher_forward(
+                model_inputs, lambda t_hidden, t_weight, t_bias: loss_fn(
+                    hidden, s_weight, s_bias, vocab, teacher_hidden=t_hidden.to(t_weight.dtype),
+                    teacher_weight=t_weight.detach(), teacher_bias=None if t_bias is None else t_bias.detach()),
+                vocab)
+
+        return fastkd.inside_forward(model, student_forward, **inputs)
+
+    def _inside_teacher_forward(self, inputs: dict[str, Any], fn: Any, vocab: int) -> torch.Tensor:
+        """``fn(teacher_hidden, teacher_weight, teacher_bias)``, run inside the teacher's forward (where a
+        sharded teacher's head is gathered; no gradient reaches the teacher)."""
+        teacher = self.teacher_model
+        result: list[torch.Tensor] = []
+
+        def teacher_forward(**model_inputs: Any) -> None:
+            t_base, t_weight, t_bias = lm_head_parts(teacher)
+            self._check_vocab("teacher lm_head", t_weight.shape[0], vocab)
+            with torch.no_grad():
+                t_hidden = last_hidden_state(t_base, model_inputs)
+            result.append(fn(t_hidden, t_weight, t_bias))
+            # The loss leaves by the closure, not as the teacher's output: a sharded teacher's wrapper
+            # would otherwise gather its parameters again in backward for a gradient it never gets.
+
+        fastkd.inside_forward(teacher, teacher_forward, **self._teacher_inputs(inputs))
+        return result[0]
 
     def _offline_loss(
         self, model: nn.Module, inputs: dict[str, Any], target: torch.Tensor, topk_indices: torch.Tensor | None,
@@ -248,3 +273,12 @@ class DistillationTrainer(transformers.Trainer):
         vocab = args.vocab_size or outputs.logits.shape[-1]
         self._check_vocab("student logits", outputs.logits.shape[-1], vocab)
         return fastkd.distill_loss(outputs.logits[..., :vocab], teacher, target, **loss_kwargs), outputs
+
+
+def _owns_its_sharding(model: nn.Module) -> None:
+    """Mark an FSDP2-sharded student as the Trainer's models sharded at load time: accelerate neither
+    wraps it in DistributedDataParallel (it refuses DTensor parameters) nor moves it."""
+    if isinstance(getattr(type(model), "is_distributed_loading_by_transformers", None), property):
+        model._is_distributed_loading_by_transformers = True
+    else:
+        model.is_distributed_loading_by_transformers = True

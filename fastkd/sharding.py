@@ -1,0 +1,137 @@
+"""Sharded models (FSDP2, DeepSpeed ZeRO-3): run code inside a wrapped module's forward, where its
+parameters exist whole and its gradient reduction is armed, and refuse weights read outside it."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+R = TypeVar("R")
+
+# Wrappers that keep the wrapped model as ``.module`` and call it from their own forward.
+_WRAPPER_NAMES = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+def innermost_module(module: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / DeepSpeed engine wrappers (``module``
+    itself when unwrapped: FSDP2's ``fully_shard`` keeps the module and adds hooks to it)."""
+    while type(module).__name__ in _WRAPPER_NAMES and isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    return module
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Run ``module``'s calls through ``forward`` inside the block (an instance attribute, restored on
+    exit), so that the module's hooks and any wrapper around it still run around it."""
+    missing = object()
+    saved = module.__dict__.get("forward", missing)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def inside_forward(module: nn.Module, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """``fn(*args, **kwargs)``, run as the forward of ``module`` (whatever wraps it), and its result.
+
+    ``module`` is a plain module, DistributedDataParallel, an FSDP2 ``fully_shard``-ed module or a
+    DeepSpeed engine. The innermost model's forward is replaced by ``fn`` for the call and the
+    outermost wrapper is called with ``args`` / ``kwargs``, so every wrapper does what it does around a
+    forward: FSDP2 gathers the parameters of the module's own group before ``fn`` runs (so
+    ``module.lm_head.weight`` read inside ``fn`` is the whole ``(V, H)`` tensor, not a DTensor shard) and
+    reduce-scatters their gradients in backward; DistributedDataParallel all-reduces the gradients of
+    the parameters ``fn`` used. ``fn`` receives the arguments as the wrapper passes them on (moved or
+    cast by it, if it does so) and may return any tensors or containers of tensors.
+
+    Example (a plain loop, the student wrapped by FSDP2 / DDP)::
+
+        def loss_fn(input_ids, labels):
+            hidden = student.model(input_ids).last_hidden_state
+            return fastkd.fused_linear_distill_loss(hidden, student.lm_head.weight, labels, ...)
+
+        loss = fastkd.inside_forward(student, loss_fn, input_ids, labels)
+        loss.backward()
+
+    Parameters of submodules sharded as groups of their own (FSDP2 ``fully_shard`` on a submodule,
+    every ZeRO-3 submodule) are gathered only inside that submodule's forward: nest the calls
+    (``inside_forward(model, lambda: inside_forward(model.lm_head, fn))``).
+
+    Args:
+        module: the (wrapped) model whose forward ``fn`` runs as.
+        fn: called with ``*args, **kwargs``.
+
+    Returns:
+        What ``fn`` returns (after the wrappers' post-forward hooks).
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module`` or ``fn`` is not callable.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module (or a wrapper of one), got {type(module).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    with forward_replaced(innermost_module(module), fn):
+        return module(*args, **kwargs)
+
+
+def unmaterialised(x: torch.Tensor) -> str | None:
+    """What kind of shard ``x`` is when it is not the whole parameter (an FSDP2 DTensor, a ZeRO-3
+    partition), else None."""
+    # No DTensor can exist unless torch.distributed.tensor was imported: no import here.
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(tensor_module, "DTensor", None)
+    if dtensor is not None and isinstance(x, dtensor):
+        return "a DTensor (an FSDP2 shard, outside its module's forward)"
+    if hasattr(x, "ds_id"):  # a DeepSpeed ZeRO-3 parameter
+        status = getattr(x, "ds_status", None)
+        if getattr(status, "name", str(status)) != "AVAILABLE" or (x.numel() == 0 and hasattr(x, "ds_shape")):
+            return "a DeepSpeed ZeRO-3 partition (not gathered)"
+    return None
+
+
+def check_materialised(**tensors: torch.Tensor | None) -> None:
+    """Raise for any weight that is a shard rather than the whole parameter.
+
+    Raises:
+        ValueError: naming the argument and ``fastkd.inside_forward``.
+    """
+    for name, x in tensors.items():
+        kind = None if x is None else unmaterialised(x)
+        if kind is not None:
+            raise ValueError(
+                f"{name} is {kind}: its full value and its gradient reduction exist only inside the model's "
+                f"forward. Call the loss through fastkd.inside_forward(model, fn, ...) and read the weight inside fn"
+            )
+
+
+def is_fsdp2(module: nn.Module) -> bool:
+    """Whether ``module`` (or a module inside it) was sharded by FSDP2's ``fully_shard``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in module.modules())
+
+
+def shard_frozen(model: nn.Module, device_type: str) -> nn.Module:
+    """``model`` sharded with FSDP2 across all processes for forward only: eval mode, no gradients, each
+    block of its ``_no_split_modules`` classes (the decoder layers of a transformers model) a group of
+    its own, gathered one at a time as the forward reaches it, then the rest as the root group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model.eval().requires_grad_(False)
+    mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

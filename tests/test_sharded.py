@@ -1,0 +1,221 @@
+"""Sharded distillation: 2 CPU processes (gloo), tiny Llama student and teacher sharded with FSDP2's
+``fully_shard``, different data on each process, 2 optimizer steps, against 1 process on the
+concatenated batches; and the clear error for a shard read outside its model's forward."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastkd
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
+    pytest.skip("torch.distributed with FSDP2 (fully_shard) is needed", allow_module_level=True)
+
+from fastkd.integrations.transformers import DistillationConfig, DistillationTrainer  # noqa: E402
+
+VOCAB, SEQ, WORLD, PER_RANK, STEPS = 64, 8, 2, 2, 2
+_LAYERS = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+CONFIGS = [(divergence, fused) for divergence in ("forward_kl", "jsd") for fused in (False, True)]
+LOSS = dict(temperature=2.0, alpha=0.5)
+
+
+def _student() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, **_LAYERS))
+
+
+def _teacher() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(100)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, **_LAYERS))
+    with torch.no_grad():  # sharper than the init so that the distillation term matters
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def _examples() -> list[dict[str, torch.Tensor]]:
+    """WORLD * PER_RANK * STEPS sequences whose supervised-token counts differ (padding, prompts)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(WORLD * PER_RANK * STEPS):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
+        length = SEQ - 3 * (i % 2) - (i % 3)
+        labels = ids.clone()
+        labels[: i % 3] = -100
+        labels[length:] = -100
+        out.append({"input_ids": ids, "attention_mask": (torch.arange(SEQ) < length).long(), "labels": labels})
+    return out
+
+
+def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _shard(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model.model.layers:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)  # the root group: embeddings, final norm and lm_head
+    return model
+
+
+def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.named_parameters()}
+
+
+# --- a plain training loop through fastkd.inside_forward ---
+
+
+def _loop(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict], scale: int) -> list[float]:
+    """STEPS SGD steps of the fused loss over each batch; every loss divides by the tokens of all processes
+    and is multiplied by ``scale`` (the processes, whose gradients FSDP2 averages). Returns the losses."""
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    losses = []
+    for batch in batches:
+        count = batch["labels"][:, 1:].ne(-100).sum()
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        target = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+
+        def teacher_head(input_ids):
+            hidden = teacher.model(input_ids=input_ids).last_hidden_state
+            return hidden, teacher.lm_head.weight.clone()  # whole here, resharded after the forward
+
+        def student_loss(input_ids, target, t_hidden, t_weight):
+            hidden = student.model(input_ids=input_ids).last_hidden_state
+            return fastkd.fused_linear_distill_loss(
+                hidden, student.lm_head.weight, target, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                num_items_in_batch=count, chunk_size=5, **LOSS) * scale
+
+        with torch.no_grad():
+            t_hidden, t_weight = fastkd.inside_forward(teacher, teacher_head, batch["input_ids"])
+        loss = fastkd.inside_forward(student, student_loss, batch["input_ids"], target, t_hidden, t_weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach() / scale)
+    total = torch.stack(losses)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def _rank_batches(rank: int) -> list[dict]:
+    examples = _examples()
+    step = WORLD * PER_RANK
+    return [_collate(examples[s * step + rank * PER_RANK: s * step + (rank + 1) * PER_RANK]) for s in range(STEPS)]
+
+
+def _whole_batches() -> list[dict]:
+    examples = _examples()
+    step = WORLD * PER_RANK
+    return [_collate(examples[s * step: (s + 1) * step]) for s in range(STEPS)]
+
+
+# --- DistillationTrainer ---
+
+
+def _args(out: Path, **kwargs) -> DistillationConfig:
+    base = dict(
+        output_dir=str(out), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=STEPS,
+        logging_steps=STEPS, dataloader_num_workers=0, train_sampling_strategy="sequential", chunk_size=5, **LOSS,
+    )
+    return DistillationConfig(**{**base, **kwargs})
+
+
+def _train(out: Path, divergence: str, fused: bool, sharded: bool) -> tuple[dict[str, torch.Tensor], float]:
+    student, teacher = _student(), _teacher()
+    batch = PER_RANK if sharded else WORLD * PER_RANK
+    args = _args(out, divergence=divergence, fused_linear=fused, per_device_train_batch_size=batch,
+                 ddp_backend="gloo" if sharded else None)
+    trainer = DistillationTrainer(model=_shard(student) if sharded else student, teacher_model=teacher, args=args,
+                                  train_dataset=_examples(), data_collator=_collate)
+    result = trainer.train()
+    return {"params": _full_params(student), "loss": result.training_loss,
+            "teacher_sharded": fastkd.sharding.is_fsdp2(trainer.teacher_model)}
+
+
+# --- the two processes ---
+
+
+def _shard_outside_forward_error() -> str:
+    student = _shard(_student())
+    hidden = torch.randn(3, 16)
+    try:
+        fastkd.fused_linear_distill_loss(hidden, student.lm_head.weight, torch.tensor([1, 2, 3]),
+                                         teacher_logits=torch.randn(3, VOCAB))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _worker(rank: int, out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {"world": dist.get_world_size(), "error": _shard_outside_forward_error()}
+    student, teacher = _shard(_student()), _shard(_teacher()).eval().requires_grad_(False)
+    results["loop_losses"] = _loop(student, teacher, _rank_batches(rank), scale=WORLD)
+    results["loop_params"] = _full_params(student)
+    for divergence, fused in CONFIGS:
+        results[divergence, fused] = _train(Path(out) / f"{divergence}{fused}", divergence, fused, sharded=True)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    mp.spawn(_worker, args=(str(out), _free_port()), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
+
+
+def test_shard_read_outside_the_forward_is_refused(ranks):
+    for r in ranks:
+        assert r["world"] == WORLD
+        assert "student_weight" in r["error"] and "DTensor" in r["error"], r["error"]
+        assert "fastkd.inside_forward" in r["error"]
+
+
+def test_plain_loop_through_inside_forward_equals_one_process(ranks):
+    student, teacher = _student(), _teacher().requires_grad_(False)
+    start = _full_params(student)
+    losses = _loop(student, teacher, _whole_batches(), scale=1)
+    want = _full_params(student)
+    assert any(not torch.equal(want[k], start[k]) for k in want)  # the steps moved the weights
+    for r in ranks:
+        assert r["loop_losses"] == pytest.approx(losses, rel=1e-5)
+        _assert_same_params(r["loop_params"], want, "loop")
+
+
+@pytest.mark.parametrize("divergence, fused", CONFIGS)
+def test_trainer_under_fsdp2_equals_one_process(ranks, tmp_path, divergence, fused):
+    single = _train(tmp_path, divergence, fused, sharded=False)
+    assert not single["teacher_sharded"]
+    for r in ranks:
+        got = r[divergence, fused]
+        assert got["teacher_sharded"]  # each process holds half of the teacher, not a copy
+        assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        _assert_same_params(got["params"], single["params"], f"{divergence} fused={fused}")
