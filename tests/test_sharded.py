@@ -89,7 +89,7 @@ def _loop(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict
             hidden = teacher.model(input_ids=input_ids).last_hidden_state
             return hidden, teacher.lm_head.weight.clone()  # whole here, resharded after the forward
 
-        def student_loss(input_ids, target, t_hidden, t_weight):
+        def student_loss(input_ids, target, t_hidden, t_weight, count):
             hidden = student.model(input_ids=input_ids).last_hidden_state
             return fastkd.fused_linear_distill_loss(
                 hidden, student.lm_head.weight, target, teacher_hidden=t_hidden, teacher_weight=t_weight,
@@ -97,7 +97,7 @@ def _loop(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict
 
         with torch.no_grad():
             t_hidden, t_weight = fastkd.inside_forward(teacher, teacher_head, batch["input_ids"])
-        loss = fastkd.inside_forward(student, student_loss, batch["input_ids"], target, t_hidden, t_weight)
+        loss = fastkd.inside_forward(student, student_loss, batch["input_ids"], target, t_hidden, t_weight, count)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -219,3 +219,71 @@ def test_trainer_under_fsdp2_equals_one_process(ranks, tmp_path, divergence, fus
         assert got["teacher_sharded"]  # each process holds half of the teacher, not a copy
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
         _assert_same_params(got["params"], single["params"], f"{divergence} fused={fused}")
+
+
+# --- one process ---
+
+
+class _Status:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _zero3_like(weight: torch.Tensor, status: str) -> torch.nn.Parameter:
+    """A parameter marked as DeepSpeed ZeRO-3 marks its own: an empty partition unless gathered."""
+    p = torch.nn.Parameter(weight if status == "AVAILABLE" else weight.new_empty(0))
+    p.ds_id, p.ds_status, p.ds_shape = 7, _Status(status), weight.shape
+    return p
+
+
+def test_zero3_partition_outside_the_forward_is_refused():
+    hidden, weight, target = torch.randn(3, 16), torch.randn(VOCAB, 16), torch.tensor([1, 2, 3])
+    teacher = torch.randn(3, VOCAB)
+    with pytest.raises(ValueError, match=r"student_weight is a DeepSpeed ZeRO-3 partition.*fastkd\.inside_forward"):
+        fastkd.fused_linear_distill_loss(hidden, _zero3_like(weight, "NOT_AVAILABLE"), target, teacher_logits=teacher)
+    with pytest.raises(ValueError, match="teacher_weight is a DeepSpeed ZeRO-3 partition"):
+        fastkd.fused_linear_distill_loss(hidden, weight, target, teacher_hidden=hidden,
+                                         teacher_weight=_zero3_like(weight, "INFLIGHT"))
+    gathered = fastkd.fused_linear_distill_loss(hidden, _zero3_like(weight, "AVAILABLE"), target, teacher_logits=teacher)
+    torch.testing.assert_close(gathered, fastkd.distill_loss(hidden @ weight.T, teacher, target))
+
+
+def test_inside_forward_runs_fn_as_the_forward_with_the_hooks():
+    model = torch.nn.Linear(4, 4)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(("pre", args, kwargs)), with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: seen.append(("post", out)))
+    x = torch.randn(2, 4)
+    out = fastkd.inside_forward(model, lambda a, scale: (model.weight * scale, a), x, scale=3.0)
+    torch.testing.assert_close(out[0], model.weight * 3.0)
+    assert out[1] is x
+    assert [s[0] for s in seen] == ["pre", "post"] and seen[0][1][0] is x and seen[0][2] == {"scale": 3.0}
+    assert "forward" not in model.__dict__  # the class's forward again
+    torch.testing.assert_close(model(x), x @ model.weight.T + model.bias)
+
+    def fails(_):
+        raise KeyError("inside")
+
+    with pytest.raises(KeyError, match="inside"):
+        fastkd.inside_forward(model, fails, x)
+    assert "forward" not in model.__dict__
+
+
+def test_inside_forward_reaches_the_module_inside_wrappers():
+    class Wrapper(torch.nn.Module):  # as DistributedDataParallel: calls .module from its own forward
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs) * 2
+
+    Wrapper.__name__ = "DistributedDataParallel"
+    inner = torch.nn.Linear(4, 4)
+    assert fastkd.sharding.innermost_module(Wrapper(Wrapper(inner))) is inner
+    out = fastkd.inside_forward(Wrapper(inner), lambda x: x + 1, torch.zeros(3))
+    torch.testing.assert_close(out, torch.full((3,), 2.0))
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        fastkd.inside_forward(lambda x: x, lambda x: x, 1)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        fastkd.inside_forward(inner, 3)
