@@ -52,8 +52,8 @@ def head_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, None if softcap is None else float(softcap)
 
 
-def lm_head_parts(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
-    """``(base_model, lm_head weight (V, H), lm_head bias (V,) or None)`` of a causal LM.
+def base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(base_model, lm_head)`` of a causal LM (the head holds ``weight`` (V, H) and ``bias`` (V,) or None).
 
     Raises:
         ValueError: the model has no separate base model and output embedding (not a ``...ForCausalLM``).
@@ -66,7 +66,7 @@ def lm_head_parts(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tens
             f"fused_linear=True needs a causal LM with a base model and an lm_head (get_output_embeddings()), "
             f"got {type(model).__name__}"
         )
-    return base, head.weight, getattr(head, "bias", None)
+    return base, head
 
 
 def last_hidden_state(base: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:

@@ -13,11 +13,11 @@ from torch import nn
 import fastkd
 from fastkd.integrations._hf_config import DistillationConfig
 from fastkd.integrations._hf_loss import (
+    base_and_head,
     causal_lm_targets,
     count_targets,
     head_transform,
     last_hidden_state,
-    lm_head_parts,
 )
 from fastkd.sharding import is_fsdp2, shard_frozen
 
@@ -221,35 +221,46 @@ class DistillationTrainer(transformers.Trainer):
             )
 
         def student_forward(**model_inputs: Any) -> torch.Tensor:
-            s_base, s_weight, s_bias = lm_head_parts(student)
-            vocab = args.vocab_size or s_weight.shape[0]
-            self._check_vocab("student lm_head", s_weight.shape[0], vocab)
+            s_base, s_head = base_and_head(student)
             with self.accelerator.autocast():
                 hidden = last_hidden_state(s_base, model_inputs)
-            if sparse_teacher is not None:
-                return loss_fn(hidden, s_weight, s_bias, vocab, teacher_logits=sparse_teacher)
-            return self._inside_teacher_forward(
-                model_inputs, lambda t_hidden, t_weight, t_bias: loss_fn(
-                    hidden, s_weight, s_bias, vocab, teacher_hidden=t_hidden.to(t_weight.dtype),
-                    teacher_weight=t_weight.detach(), teacher_bias=None if t_bias is None else t_bias.detach()),
-                vocab)
+
+            def student_head(hidden: torch.Tensor) -> torch.Tensor:
+                s_weight, s_bias = s_head.weight, getattr(s_head, "bias", None)
+                vocab = args.vocab_size or s_weight.shape[0]
+                self._check_vocab("student lm_head", s_weight.shape[0], vocab)
+                if sparse_teacher is not None:
+                    return loss_fn(hidden, s_weight, s_bias, vocab, teacher_logits=sparse_teacher)
+                return self._inside_teacher_forward(
+                    model_inputs, lambda t_hidden, t_weight, t_bias: loss_fn(
+                        hidden, s_weight, s_bias, vocab, teacher_hidden=t_hidden.to(t_weight.dtype),
+                        teacher_weight=t_weight.detach(), teacher_bias=None if t_bias is None else t_bias.detach()),
+                    vocab)
+
+            # Inside the head's own forward too: ZeRO-3 (and FSDP2 with a head sharded as a group of its
+            # own) gather the head's weight there.
+            return fastkd.inside_forward(s_head, student_head, hidden)
 
         return fastkd.inside_forward(model, student_forward, **inputs)
 
     def _inside_teacher_forward(self, inputs: dict[str, Any], fn: Any, vocab: int) -> torch.Tensor:
-        """``fn(teacher_hidden, teacher_weight, teacher_bias)``, run inside the teacher's forward (where a
-        sharded teacher's head is gathered; no gradient reaches the teacher)."""
+        """``fn(teacher_hidden, teacher_weight, teacher_bias)``, run inside the teacher's forward and its
+        head's (where a sharded teacher's head is gathered); no gradient reaches the teacher."""
         teacher = self.teacher_model
         result: list[torch.Tensor] = []
 
-        def teacher_forward(**model_inputs: Any) -> None:
-            t_base, t_weight, t_bias = lm_head_parts(teacher)
+        def teacher_head(t_hidden: torch.Tensor, t_head: nn.Module) -> None:
+            t_weight, t_bias = t_head.weight, getattr(t_head, "bias", None)
             self._check_vocab("teacher lm_head", t_weight.shape[0], vocab)
-            with torch.no_grad():
-                t_hidden = last_hidden_state(t_base, model_inputs)
-            result.append(fn(t_hidden, t_weight, t_bias))
             # The loss leaves by the closure, not as the teacher's output: a sharded teacher's wrapper
             # would otherwise gather its parameters again in backward for a gradient it never gets.
+            result.append(fn(t_hidden, t_weight, t_bias))
+
+        def teacher_forward(**model_inputs: Any) -> None:
+            t_base, t_head = base_and_head(teacher)
+            with torch.no_grad():
+                t_hidden = last_hidden_state(t_base, model_inputs)
+            fastkd.inside_forward(t_head, teacher_head, t_hidden, t_head)
 
         fastkd.inside_forward(teacher, teacher_forward, **self._teacher_inputs(inputs))
         return result[0]
