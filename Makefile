@@ -24,7 +24,7 @@ $(VENV)/.deps: | $(PY)
 
 $(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
 	@echo "$(BUILD_NOTE)."
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev,deepspeed]"
 	touch $@
 
 test: install
