@@ -24,7 +24,8 @@ from fastkd.integrations.transformers import DistillationConfig, DistillationTra
 
 VOCAB, SEQ, WORLD, PER_RANK, STEPS = 64, 8, 2, 2, 2
 _LAYERS = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-CONFIGS = [(divergence, fused) for divergence in ("forward_kl", "jsd") for fused in (False, True)]
+# "offline": no teacher model, its top-k log-probabilities in the batch.
+CONFIGS = [(divergence, fused) for divergence in ("forward_kl", "jsd", "offline") for fused in (False, True)]
 LOSS = dict(temperature=2.0, alpha=0.5)
 
 
@@ -53,6 +54,16 @@ def _examples() -> list[dict[str, torch.Tensor]]:
         labels[length:] = -100
         out.append({"input_ids": ids, "attention_mask": (torch.arange(SEQ) < length).long(), "labels": labels})
     return out
+
+
+def _examples_with_teacher_topk(k: int = 6) -> list[dict[str, torch.Tensor]]:
+    """The examples with the teacher's top-k T = 1 log-probabilities, as an offline cache holds them."""
+    teacher, examples = _teacher(), _examples()
+    with torch.no_grad():
+        for e in examples:
+            top = teacher(input_ids=e["input_ids"][None]).logits[0].log_softmax(-1).topk(k, dim=-1)
+            e["teacher_topk_indices"], e["teacher_topk_logprobs"] = top.indices, top.values
+    return examples
 
 
 def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -133,15 +144,17 @@ def _args(out: Path, **kwargs) -> DistillationConfig:
 
 
 def _train(out: Path, divergence: str, fused: bool, sharded: bool) -> tuple[dict[str, torch.Tensor], float]:
-    student, teacher = _student(), _teacher()
+    offline = divergence == "offline"
+    student, teacher = _student(), None if offline else _teacher()
     batch = PER_RANK if sharded else WORLD * PER_RANK
-    args = _args(out, divergence=divergence, fused_linear=fused, per_device_train_batch_size=batch,
-                 ddp_backend="gloo" if sharded else None)
+    args = _args(out, divergence="forward_kl" if offline else divergence, fused_linear=fused,
+                 per_device_train_batch_size=batch, ddp_backend="gloo" if sharded else None)
     trainer = DistillationTrainer(model=_shard(student) if sharded else student, teacher_model=teacher, args=args,
-                                  train_dataset=_examples(), data_collator=_collate)
+                                  train_dataset=_examples_with_teacher_topk() if offline else _examples(),
+                                  data_collator=_collate)
     result = trainer.train()
     return {"params": _full_params(student), "loss": result.training_loss,
-            "teacher_sharded": fastkd.sharding.is_fsdp2(trainer.teacher_model)}
+            "teacher_sharded": teacher is not None and fastkd.sharding.is_fsdp2(teacher)}
 
 
 # --- the two processes ---
@@ -216,7 +229,7 @@ def test_trainer_under_fsdp2_equals_one_process(ranks, tmp_path, divergence, fus
     assert not single["teacher_sharded"]
     for r in ranks:
         got = r[divergence, fused]
-        assert got["teacher_sharded"]  # each process holds half of the teacher, not a copy
+        assert got["teacher_sharded"] == (divergence != "offline")  # each process holds half the teacher
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
         _assert_same_params(got["params"], single["params"], f"{divergence} fused={fused}")
 
