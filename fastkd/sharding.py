@@ -135,3 +135,40 @@ def shard_frozen(model: nn.Module, device_type: str) -> nn.Module:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def is_zero3(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are managed by DeepSpeed ZeRO-3 (they carry ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def zero3_frozen(model: nn.Module, ds_config: dict) -> Any:
+    """``model`` partitioned by DeepSpeed ZeRO-3 across all processes for forward only (eval mode, no
+    gradients, no optimizer): a DeepSpeed engine of ``ds_config`` without its optimizer and scheduler.
+    The model's parameters are gathered module by module by the hooks ZeRO-3 puts on ``model`` itself,
+    so ``model`` is called as before. Returns the engine (keep a reference)."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden:  # the sizes transformers' Trainer derives from the hidden size, where left to it
+        sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                 "stage3_param_persistence_threshold": 10 * hidden}
+        zero.update({k: v for k, v in sizes.items() if zero.get(k) == "auto"})
+    model.eval().requires_grad_(False)
+    engine = deepspeed.initialize(model=model, config=_without_auto(config))[0]
+    engine.eval()
+    return engine
+
+
+def _without_auto(config: Any) -> Any:
+    """``config`` without the entries still "auto" (DeepSpeed's defaults apply to them)."""
+    if isinstance(config, dict):
+        return {k: _without_auto(v) for k, v in config.items() if v != "auto"}
+    return config

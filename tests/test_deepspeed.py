@@ -1,11 +1,12 @@
 """DeepSpeed ZeRO-3 on the CPU (``DS_ACCELERATOR=cpu``, gloo): 2 processes training a tiny Llama student
-against a ZeRO-3-sharded teacher through ``fastkd.inside_forward`` in a plain loop, different data on
-each process, 2 optimizer steps, against 1 process on the concatenated batches. Needs the optional
-extra ``deepspeed``."""
+against a ZeRO-3-sharded teacher, through ``fastkd.inside_forward`` in a plain loop and through
+DistillationTrainer, different data on each process, 2 optimizer steps, against 1 process on the
+concatenated batches. Needs the optional extra ``deepspeed``."""
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,26 +16,20 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
 transformers = pytest.importorskip("transformers")
 
+import _llm_pair as pair  # noqa: E402
+from _llm_pair import PER_RANK, SEQ, STEPS, VOCAB, WORLD  # noqa: E402
+
 import fastkd  # noqa: E402
 
-VOCAB, SEQ, WORLD, PER_RANK, STEPS, LR = 64, 8, 2, 2, 2, 0.5
-_LAYERS = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-DIVERGENCES = ("forward_kl", "jsd")
-# Every parameter partitioned, however small (the default keeps small ones whole on every process).
-_ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+LR, DIVERGENCES, _ZERO3 = pair.LR, ("forward_kl", "jsd"), pair.ZERO3
 
 
 def _student() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, **_LAYERS))
+    return pair.student()
 
 
 def _teacher() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(100)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, **_LAYERS))
-    with torch.no_grad():  # sharper than the init so that the distillation term matters
-        model.lm_head.weight.mul_(20.0)
-    return model.eval().requires_grad_(False)
+    return pair.teacher().eval().requires_grad_(False)
 
 
 def _batches(rows: slice | None = None) -> list[dict[str, torch.Tensor]]:
@@ -123,6 +118,8 @@ def _worker(rank: int, out: str, port: int) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     results = {d: _train_zero3(rank, d) for d in DIVERGENCES}
+    for divergence, fused in pair.CONFIGS:
+        results[divergence, fused] = pair.train(Path(out) / f"{divergence}{fused}", divergence, fused, "zero3")
     student = deepspeed.initialize(model=_student(), config={"train_micro_batch_size_per_gpu": 1,
                                                               "zero_optimization": _ZERO3})[0].module
     try:
@@ -166,3 +163,15 @@ def test_zero3_partition_read_outside_the_forward_is_refused(ranks):
     for r in ranks:
         assert "student_weight is a DeepSpeed ZeRO-3 partition" in r["error"], r["error"]
         assert "fastkd.inside_forward" in r["error"]
+
+
+@pytest.mark.parametrize("divergence, fused", pair.CONFIGS)
+def test_trainer_under_zero3_equals_one_process(ranks, tmp_path, divergence, fused):
+    single = pair.train(tmp_path, divergence, fused)
+    for r in ranks:
+        got = r[divergence, fused]
+        assert got["teacher_sharded"] == (divergence != "offline")  # partitioned, not a copy per process
+        assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert got["params"].keys() == single["params"].keys()
+        for k, v in single["params"].items():
+            torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=f"{divergence} {fused}: {k}")

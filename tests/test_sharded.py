@@ -14,72 +14,18 @@ import torch.multiprocessing as mp
 
 import fastkd
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
     pytest.skip("torch.distributed with FSDP2 (fully_shard) is needed", allow_module_level=True)
 
-from fastkd.integrations.transformers import DistillationConfig, DistillationTrainer  # noqa: E402
+import _llm_pair as pair  # noqa: E402
+from _llm_pair import LOSS, PER_RANK, STEPS, VOCAB, WORLD  # noqa: E402
 
-VOCAB, SEQ, WORLD, PER_RANK, STEPS = 64, 8, 2, 2, 2
-_LAYERS = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-# "offline": no teacher model, its top-k log-probabilities in the batch.
-CONFIGS = [(divergence, fused) for divergence in ("forward_kl", "jsd", "offline") for fused in (False, True)]
-LOSS = dict(temperature=2.0, alpha=0.5)
-
-
-def _student() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, **_LAYERS))
-
-
-def _teacher() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(100)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, **_LAYERS))
-    with torch.no_grad():  # sharper than the init so that the distillation term matters
-        model.lm_head.weight.mul_(20.0)
-    return model
-
-
-def _examples() -> list[dict[str, torch.Tensor]]:
-    """WORLD * PER_RANK * STEPS sequences whose supervised-token counts differ (padding, prompts)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(WORLD * PER_RANK * STEPS):
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
-        length = SEQ - 3 * (i % 2) - (i % 3)
-        labels = ids.clone()
-        labels[: i % 3] = -100
-        labels[length:] = -100
-        out.append({"input_ids": ids, "attention_mask": (torch.arange(SEQ) < length).long(), "labels": labels})
-    return out
-
-
-def _examples_with_teacher_topk(k: int = 6) -> list[dict[str, torch.Tensor]]:
-    """The examples with the teacher's top-k T = 1 log-probabilities, as an offline cache holds them."""
-    teacher, examples = _teacher(), _examples()
-    with torch.no_grad():
-        for e in examples:
-            top = teacher(input_ids=e["input_ids"][None]).logits[0].log_softmax(-1).topk(k, dim=-1)
-            e["teacher_topk_indices"], e["teacher_topk_logprobs"] = top.indices, top.values
-    return examples
-
-
-def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-def _shard(model: torch.nn.Module) -> torch.nn.Module:
-    for layer in model.model.layers:
-        fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)  # the root group: embeddings, final norm and lm_head
-    return model
-
-
-def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in model.named_parameters()}
+_student, _teacher, _examples, _collate = pair.student, pair.teacher, pair.examples, pair.collate
+_shard, _full_params = pair.shard_fsdp2, pair.full_params
+CONFIGS = pair.CONFIGS
 
 
 # --- a plain training loop through fastkd.inside_forward ---
@@ -88,7 +34,7 @@ def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _loop(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[dict], scale: int) -> list[float]:
     """STEPS SGD steps of the fused loss over each batch; every loss divides by the tokens of all processes
     and is multiplied by ``scale`` (the processes, whose gradients FSDP2 averages). Returns the losses."""
-    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    opt = torch.optim.SGD(student.parameters(), lr=pair.LR)
     losses = []
     for batch in batches:
         count = batch["labels"][:, 1:].ne(-100).sum()
@@ -131,32 +77,6 @@ def _whole_batches() -> list[dict]:
     return [_collate(examples[s * step: (s + 1) * step]) for s in range(STEPS)]
 
 
-# --- DistillationTrainer ---
-
-
-def _args(out: Path, **kwargs) -> DistillationConfig:
-    base = dict(
-        output_dir=str(out), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=STEPS,
-        logging_steps=STEPS, dataloader_num_workers=0, train_sampling_strategy="sequential", chunk_size=5, **LOSS,
-    )
-    return DistillationConfig(**{**base, **kwargs})
-
-
-def _train(out: Path, divergence: str, fused: bool, sharded: bool) -> tuple[dict[str, torch.Tensor], float]:
-    offline = divergence == "offline"
-    student, teacher = _student(), None if offline else _teacher()
-    batch = PER_RANK if sharded else WORLD * PER_RANK
-    args = _args(out, divergence="forward_kl" if offline else divergence, fused_linear=fused,
-                 per_device_train_batch_size=batch, ddp_backend="gloo" if sharded else None)
-    trainer = DistillationTrainer(model=_shard(student) if sharded else student, teacher_model=teacher, args=args,
-                                  train_dataset=_examples_with_teacher_topk() if offline else _examples(),
-                                  data_collator=_collate)
-    result = trainer.train()
-    return {"params": _full_params(student), "loss": result.training_loss,
-            "teacher_sharded": teacher is not None and fastkd.sharding.is_fsdp2(teacher)}
-
-
 # --- the two processes ---
 
 
@@ -181,7 +101,7 @@ def _worker(rank: int, out: str, port: int) -> None:
     results["loop_losses"] = _loop(student, teacher, _rank_batches(rank), scale=WORLD)
     results["loop_params"] = _full_params(student)
     for divergence, fused in CONFIGS:
-        results[divergence, fused] = _train(Path(out) / f"{divergence}{fused}", divergence, fused, sharded=True)
+        results[divergence, fused] = pair.train(Path(out) / f"{divergence}{fused}", divergence, fused, "fsdp2")
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -225,7 +145,7 @@ def test_plain_loop_through_inside_forward_equals_one_process(ranks):
 
 @pytest.mark.parametrize("divergence, fused", CONFIGS)
 def test_trainer_under_fsdp2_equals_one_process(ranks, tmp_path, divergence, fused):
-    single = _train(tmp_path, divergence, fused, sharded=False)
+    single = pair.train(tmp_path, divergence, fused)
     assert not single["teacher_sharded"]
     for r in ranks:
         got = r[divergence, fused]

@@ -19,7 +19,7 @@ from fastkd.integrations._hf_loss import (
     head_transform,
     last_hidden_state,
 )
-from fastkd.sharding import is_fsdp2, shard_frozen
+from fastkd.sharding import is_fsdp2, is_zero3, shard_frozen, zero3_frozen
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -92,12 +92,21 @@ class DistillationTrainer(transformers.Trainer):
         self.model_accepts_loss_kwargs = True
         if teacher_model is not None:
             teacher_model.eval()
-            if sharded and self.args.world_size > 1 and not is_fsdp2(teacher_model):
-                # Sharded like the student, not a whole copy per process.
+            self._teacher_engine = None
+            zero3 = self.is_deepspeed_enabled and self._zero_stage() == 3
+            if zero3 and not is_zero3(teacher_model):
+                # Partitioned like the student, not a whole copy per process.
+                self._teacher_engine = zero3_frozen(teacher_model, self.args.hf_deepspeed_config.config)
+            elif sharded and self.args.world_size > 1 and not is_fsdp2(teacher_model):
                 shard_frozen(teacher_model.to(self.args.device), self.args.device.type)
-            elif getattr(teacher_model, "hf_device_map", None) is None and not is_fsdp2(teacher_model):
+            elif getattr(teacher_model, "hf_device_map", None) is None and not (
+                    is_fsdp2(teacher_model) or is_zero3(teacher_model)):
                 teacher_model.to(self.args.device)
         self.teacher_model = teacher_model
+
+    def _zero_stage(self) -> int:
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        return int((getattr(config, "config", None) or {}).get("zero_optimization", {}).get("stage", 0) or 0)
 
     @property
     def _counts_across_processes(self) -> bool:
