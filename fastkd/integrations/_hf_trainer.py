@@ -39,15 +39,21 @@ class DistillationTrainer(transformers.Trainer):
     - The evaluation loss of a batch is its per-token mean (the training loss's scale); the Trainer
       averages the batches of the evaluation set weighted by their number of sequences.
     - The teacher runs in eval mode under ``torch.no_grad()`` on the same inputs (so the same tokenizer)
-      and is moved to ``args.device`` (unless it was loaded with a ``device_map``); under torchrun each
-      process holds its own copy (it is never wrapped in DistributedDataParallel). A teacher with a larger
+      and is moved to ``args.device`` (unless it was loaded with a ``device_map``); under torchrun with
+      DDP each process holds its own copy (it is never wrapped in DistributedDataParallel). With a
+      student sharded by FSDP2 (``fully_shard`` applied before the trainer is built; accelerate then
+      leaves it unwrapped) the teacher is sharded with ``fully_shard`` too, and under DeepSpeed ZeRO-3
+      (``args.deepspeed``) partitioned by an engine of its own without optimizer: forward only, no
+      gradients, no optimizer state, gathered block by block by the framework. A teacher with a larger
       (padded) vocabulary is read as ``teacher_logits[..., :V]``, a view.
     - ``teacher_model=None``: offline distillation from the batch's top-k teacher columns
       (``args.teacher_topk_indices_column``, ``args.teacher_topk_logprobs_column``, each ``(B, S, K)``,
       aligned with the logits), as a :class:`fastkd.SparseTeacher` of T = 1 log-probabilities.
     - ``fused_linear=True``: the student's base model (``model.base_model``) gives the final hidden states
       and the loss is computed from them and the lm_head weights of both models in row chunks: the
-      student's lm_head forward never runs and no (B, S, V) logits exist. The head's ``logit_scale`` /
+      student's lm_head forward never runs and no (B, S, V) logits exist. Each head's weight is read
+      inside its model's and its head's forward (:func:`fastkd.inside_forward`): gathered there once per
+      step under FSDP2 / ZeRO-3, and the student's gradient goes through the framework's reduction. The head's ``logit_scale`` /
       ``logits_scaling`` / ``final_logit_softcapping`` (from the configs) must match between the models.
 
     Args:
