@@ -61,12 +61,15 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([e[k] for e in batch]) for k in batch[0]}
 
 
-def shard_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+def shard_fsdp2(model: torch.nn.Module, head_group: bool = False) -> torch.nn.Module:
+    """Each decoder layer a group of its own (and the lm_head, when ``head_group``), then the root."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
         fully_shard(layer)
-    fully_shard(model)  # the root group: embeddings, final norm and lm_head
+    if head_group:  # gathered only inside the lm_head's own forward
+        fully_shard(model.lm_head)
+    fully_shard(model)  # the root group: embeddings, final norm (and lm_head)
     return model
 
 
@@ -81,10 +84,11 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
-def train(out: Path, divergence: str, fused: bool, shard: str | None = None) -> dict:
+def train(out: Path, divergence: str, fused: bool, shard: str | None = None, head_group: bool = False) -> dict:
     """STEPS steps of DistillationTrainer: 1 process on WORLD * PER_RANK sequences a step (shard None), or
-    this process's PER_RANK of them with the student sharded by "fsdp2" or "zero3". Returns the student's
-    parameters, the logged training loss and whether the teacher was sharded."""
+    this process's PER_RANK of them with the student sharded by "fsdp2" (its lm_head a group of its own
+    when ``head_group``) or "zero3". Returns the student's parameters, the logged training loss and
+    whether the teacher was sharded."""
     offline = divergence == "offline"
     model, teacher_model = student(), None if offline else teacher()
     kwargs = dict(divergence="forward_kl" if offline else divergence, fused_linear=fused,
@@ -92,7 +96,7 @@ def train(out: Path, divergence: str, fused: bool, shard: str | None = None) -> 
     if shard is not None:
         kwargs["ddp_backend"] = "gloo"
     if shard == "fsdp2":
-        shard_fsdp2(model)
+        shard_fsdp2(model, head_group)
     elif shard == "zero3":
         kwargs["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                                "zero_optimization": ZERO3, "zero_allow_untested_optimizer": True,

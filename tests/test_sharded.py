@@ -102,6 +102,7 @@ def _worker(rank: int, out: str, port: int) -> None:
     results["loop_params"] = _full_params(student)
     for divergence, fused in CONFIGS:
         results[divergence, fused] = pair.train(Path(out) / f"{divergence}{fused}", divergence, fused, "fsdp2")
+    results["head_group"] = pair.train(Path(out) / "head", "jsd", True, "fsdp2", head_group=True)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -220,3 +221,10 @@ def test_inside_forward_reaches_the_module_inside_wrappers():
         fastkd.inside_forward(lambda x: x, lambda x: x, 1)
     with pytest.raises(TypeError, match="fn must be callable"):
         fastkd.inside_forward(inner, 3)
+
+
+def test_trainer_reads_a_head_sharded_as_its_own_group_inside_its_forward(ranks, tmp_path):
+    single = pair.train(tmp_path, "jsd", True)
+    for r in ranks:
+        assert r["head_group"]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        _assert_same_params(r["head_group"]["params"], single["params"], "lm_head group")
