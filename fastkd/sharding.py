@@ -91,10 +91,12 @@ def unmaterialised(x: torch.Tensor) -> str | None:
     dtensor = getattr(tensor_module, "DTensor", None)
     if dtensor is not None and isinstance(x, dtensor):
         return "a DTensor (an FSDP2 shard, outside its module's forward)"
-    if hasattr(x, "ds_id"):  # a DeepSpeed ZeRO-3 parameter
-        status = getattr(x, "ds_status", None)
-        if getattr(status, "name", str(status)) != "AVAILABLE" or (x.numel() == 0 and hasattr(x, "ds_shape")):
-            return "a DeepSpeed ZeRO-3 partition (not gathered)"
+    # DeepSpeed ZeRO-3 marks its parameters with ds_id / ds_status, and an ungathered one is empty with its
+    # whole shape in ds_shape.
+    status = getattr(getattr(x, "ds_status", None), "name", "AVAILABLE")
+    empty = x.numel() == 0 and getattr(x, "ds_shape", None) is not None and torch.Size(x.ds_shape).numel() > 0
+    if (hasattr(x, "ds_id") and status != "AVAILABLE") or empty:
+        return "a DeepSpeed ZeRO-3 partition (not gathered)"
     return None
 
 

@@ -178,6 +178,10 @@ def test_zero3_partition_outside_the_forward_is_refused():
     with pytest.raises(ValueError, match="teacher_weight is a DeepSpeed ZeRO-3 partition"):
         fastkd.fused_linear_distill_loss(hidden, weight, target, teacher_hidden=hidden,
                                          teacher_weight=_zero3_like(weight, "INFLIGHT"))
+    empty = torch.nn.Parameter(weight.new_empty(0))
+    empty.ds_shape = weight.shape  # the whole shape kept aside, the tensor empty
+    with pytest.raises(ValueError, match="student_weight is a DeepSpeed ZeRO-3 partition"):
+        fastkd.fused_linear_distill_loss(hidden, empty, target, teacher_logits=teacher)
     gathered = fastkd.fused_linear_distill_loss(hidden, _zero3_like(weight, "AVAILABLE"), target, teacher_logits=teacher)
     torch.testing.assert_close(gathered, fastkd.distill_loss(hidden @ weight.T, teacher, target))
 

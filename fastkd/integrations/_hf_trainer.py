@@ -53,8 +53,9 @@ class DistillationTrainer(transformers.Trainer):
       and the loss is computed from them and the lm_head weights of both models in row chunks: the
       student's lm_head forward never runs and no (B, S, V) logits exist. Each head's weight is read
       inside its model's and its head's forward (:func:`fastkd.inside_forward`): gathered there once per
-      step under FSDP2 / ZeRO-3, and the student's gradient goes through the framework's reduction. The head's ``logit_scale`` /
-      ``logits_scaling`` / ``final_logit_softcapping`` (from the configs) must match between the models.
+      step under FSDP2 / ZeRO-3, and the student's gradient goes through the framework's reduction.
+      The head's ``logit_scale`` / ``logits_scaling`` / ``final_logit_softcapping`` (from the configs)
+      must match between the models.
 
     Args:
         model: the student, a ``...ForCausalLM`` (``transformers.PreTrainedModel`` or any module whose
