@@ -13,7 +13,8 @@
 //
 // Math supplies, for the value type V (a scalar or a SIMD vector): exp, expm1, log, abs,
 // where_lt(x, y, a, b) (a where x < y else b), where_zero(p, x) (0 where p == 0 else x),
-// clamp(x, lo, hi) and sign(x).
+// clamp(x, lo, hi) and sign(x); optionally exp_expm1(x, e, em1) and log1p(u, y), cheaper forms of
+// what the mixtures need (see mixture()), in which case it need not supply log.
 #pragma once
 
 #include <cstdint>
@@ -59,24 +60,49 @@ FASTKD_HD double fp16_gradient_prescale(double bound) {
 // u = m / x and log(u) for a mixture m = w y + (1 - w) x of two distributions, from dc = log y - log x
 // (clamped to [-80, 80]) without cancellation: u = 1 + w expm1(dc) near dc = 0 (log1p through
 // Goldberg's log(u) * y / (u - 1), which needs only log), and u = (1 - w) + w exp(dc) for dc < -1,
-// where 1 - w comes exact from the host (w = 1 would otherwise leave e^dc lost next to 1).
+// where 1 - w comes exact from the host (w = 1 would otherwise leave e^dc lost next to 1). u is
+// positive and finite for every w in [0, 1] and every clamped dc, so log(u) is finite too.
 template <class Math, class V>
 struct Mixture {
   V ratio;      // m / x
   V log_ratio;  // log(m / x)
 };
 
+// exp(x) and expm1(x) for |x| <= 80: from one range reduction where Math has exp_expm1 (the CPU's
+// vector path), else one call each.
+template <class Math, class V>
+FASTKD_HD void exp_and_expm1(V x, V& e, V& em1) {
+  if constexpr (requires(V& a, V& b) { Math::exp_expm1(x, a, b); }) {
+    Math::exp_expm1(x, e, em1);
+  } else {
+    e = Math::exp(x);
+    em1 = Math::expm1(x);
+  }
+}
+
+// log(u) = log1p(y) for u = 1 + y rounded, y exact, u positive and finite. A Math with log1p(u, y)
+// supplies it (the CPU's vector path runs its log polynomial on y itself near u = 1); otherwise
+// Goldberg's log(u) * y / (u - 1), and y itself where u rounds to 1.
+template <class Math, class V>
+FASTKD_HD V log1p_of(V u, V y) {
+  if constexpr (requires { Math::log1p(u, y); }) {
+    return Math::log1p(u, y);
+  } else {
+    const V u_minus_one = u - V(1);
+    return Math::where_zero(u_minus_one, Math::log(u) * (y / u_minus_one)) + (y - Math::where_zero(u_minus_one, y));
+  }
+}
+
 template <class Math, class V>
 FASTKD_HD Mixture<Math, V> mixture(V dc, V w, V w_bar) {
   const V one(1);
-  const V far = w_bar + w * Math::exp(dc);
-  const V w_em1 = w * Math::expm1(dc);
+  V e, em1;
+  exp_and_expm1<Math>(dc, e, em1);
+  const V far = w_bar + w * e;
+  const V w_em1 = w * em1;
   const V u = Math::where_lt(dc, V(-1), far, one + w_em1);
   const V y = Math::where_lt(dc, V(-1), u - one, w_em1);
-  const V u_minus_one = u - one;
-  // log1p(y) = log(u) * y / (u - 1), and y itself where u rounds to 1.
-  const V log_u = Math::where_zero(u_minus_one, Math::log(u) * (y / u_minus_one)) + (y - Math::where_zero(u_minus_one, y));
-  return {u, log_u};
+  return {u, log1p_of<Math>(u, y)};
 }
 
 // d clamped to [-80, 80] for the mixtures: past that, the smaller probability is below e^-80 of the
@@ -113,23 +139,23 @@ FASTKD_HD ElementTerms<V> divergence_terms(V p, V q, V d, V beta, V one_minus_be
       const Mixture<Math, V> mq = mixture<Math>(dc, one_minus_beta, beta);
       const V log_q_m = V(0) - mq.log_ratio;
       const V e_pm = one_minus_beta * p / mq.ratio;  // (1 - beta) p q / m
-      e.f = Math::where_zero(q, q * log_q_m);
+      e.f = q * log_q_m;  // log_q_m is finite: 0 where q is 0
       e.ph = V(0) - e_pm;
       e.qg = e.f + e_pm;
     } else {
       // m = beta p + (1 - beta) q: the weight on p is beta.
       const Mixture<Math, V> mq = mixture<Math>(dc, beta, one_minus_beta);
       const V log_q_m = V(0) - mq.log_ratio;
-      const V log_p_m = dc + log_q_m;
+      const V log_p_m = dc + log_q_m;  // both logs finite: the terms are 0 where p or q is 0
       if constexpr (kKind == Divergence::JSD) {
-        const V a = Math::where_zero(p, beta * p * log_p_m);
-        const V b = Math::where_zero(q, one_minus_beta * q * log_q_m);
+        const V a = beta * p * log_p_m;
+        const V b = one_minus_beta * q * log_q_m;
         e.f = a + b;
         e.qg = b;
         e.ph = a;
       } else {  // SkewForwardKL
         const V e_pq = one_minus_beta * p / mq.ratio;  // (1 - beta) p q / m
-        e.f = Math::where_zero(p, p * log_p_m);
+        e.f = p * log_p_m;
         e.qg = V(0) - e_pq;
         e.ph = e.f + e_pq;
       }

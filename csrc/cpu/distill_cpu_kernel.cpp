@@ -38,7 +38,8 @@ struct VecMath {
   using V = Vectorized<acc_t>;
   static V exp(const V& x) { return fast_exp(x); }
   static V expm1(const V& x) { return fast_expm1(x); }
-  static V log(const V& x) { return fast_log(x); }
+  static void exp_expm1(const V& x, V& e, V& em1) { fast_exp_expm1(x, e, em1); }
+  static V log1p(const V& u, const V& y) { return fast_log1p(u, y); }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // propagates NaN
   static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
@@ -58,6 +59,7 @@ struct ScalarMath {
   static acc_t exp(acc_t x) { return std::exp(x); }
   static acc_t expm1(acc_t x) { return std::expm1(x); }
   static acc_t log(acc_t x) { return std::log(x); }
+  static acc_t log1p(acc_t, acc_t y) { return std::log1p(y); }
   static acc_t abs(acc_t x) { return std::fabs(x); }
   static acc_t max(acc_t a, acc_t b) { return nan_max(a, b); }
   static acc_t clamp(acc_t x, acc_t lo, acc_t hi) { return x != x ? x : std::min(std::max(x, lo), hi); }
@@ -143,7 +145,8 @@ void zero_row(void* base, c10::ScalarType dtype, int64_t row, int64_t vocab) {
 }
 
 // Sums of one stretch of a block relative to fixed maxima; V is Vectorized<acc_t> or acc_t (tails).
-template <class Math, bool kSoft, bool kHard, int kPowT, class V>
+// kKLStats: also w and max_d, which only forward KL reads (its loss and refinement).
+template <class Math, bool kSoft, bool kHard, int kPowT, bool kKLStats, class V>
 struct BlockSums {
   V sum_t, w, sum_b, sum_1, sum_s, max_d;
   BlockSums(V zero, V ninf) : sum_t(zero), w(zero), sum_b(zero), sum_1(zero), sum_s(zero), max_d(ninf) {}
@@ -154,10 +157,12 @@ struct BlockSums {
     if constexpr (kSoft) {
       const V et = Math::exp((t - shift_t) * inv_t);
       et_out = et;
-      const V d = (t - s) * inv_t;
       sum_t = sum_t + et;
-      w = w + Math::zero_where_zero(et, et * d);
-      max_d = Math::max(max_d, d);
+      if constexpr (kKLStats) {
+        const V d = (t - s) * inv_t;
+        w = w + Math::zero_where_zero(et, et * d);
+        max_d = Math::max(max_d, d);
+      }
     }
     V eb = V(0);
     if constexpr (kSoft || kPowT != 0) {
@@ -188,7 +193,7 @@ struct BlockShift {
 
 // Pass 1 on one block: raise the running maxima to the block's, then add the block's sums. The
 // exps go to exp_t / exp_s, relative to the returned shifts, so the gradient pass need not redo them.
-template <class acc_t, bool kSoft, bool kHard, int kPowT>
+template <class acc_t, bool kSoft, bool kHard, int kPowT, bool kKLStats>
 BlockShift accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t, int64_t n, double inv_t,
                             acc_t* exp_t, acc_t* exp_s) {
   using V = Vectorized<acc_t>;
@@ -220,7 +225,7 @@ BlockShift accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t
   V max_d(ninf);
   for (int64_t start = 0; start < n_vec; start += kFlush * kW) {
     const int64_t stop = std::min(n_vec, start + kFlush * kW);
-    BlockSums<VecMath<acc_t>, kSoft, kHard, kPowT, V> part{V(acc_t(0)), max_d};
+    BlockSums<VecMath<acc_t>, kSoft, kHard, kPowT, kKLStats, V> part{V(acc_t(0)), max_d};
     for (int64_t i = start; i < stop; i += kW) {
       V et(acc_t(0)), eb(acc_t(0));
       part.add(V::loadu(s + i), kSoft ? V::loadu(t + i) : V(acc_t(0)), vshift_t, vshift_s, vinv_t, et, eb);
@@ -230,7 +235,7 @@ BlockShift accumulate_block(RowStats<double>& st, const acc_t* s, const acc_t* t
     part.add_into(st, &horizontal_sum<acc_t>);
     max_d = part.max_d;
   }
-  BlockSums<ScalarMath<acc_t>, kSoft, kHard, kPowT, acc_t> tail{acc_t(0), horizontal_max(max_d)};
+  BlockSums<ScalarMath<acc_t>, kSoft, kHard, kPowT, kKLStats, acc_t> tail{acc_t(0), horizontal_max(max_d)};
   for (int64_t i = n_vec; i < n; ++i) {
     tail.add(s[i], kSoft ? t[i] : acc_t(0), shift_t, shift_s, inv_t_acc, exp_t[i], exp_s[i]);
   }
@@ -343,7 +348,7 @@ class RowWorker {
         exp_t_(a.vocab),
         exp_s_(a.vocab),
         qg_(a.divergence.kind == Divergence::ForwardKL ? 0 : a.vocab),
-        ph_(a.divergence.kind == Divergence::ForwardKL ? 0 : a.vocab),
+        ph_(a.divergence.kind == Divergence::ForwardKL || a.grad_teacher == nullptr ? 0 : a.vocab),
         block_(a.block_size > 0 && a.block_size < kBlock ? a.block_size : kBlock),
         shifts_((a.vocab + block_ - 1) / block_) {}
 
@@ -364,9 +369,7 @@ class RowWorker {
     RowStats<double> st;
     for (int64_t off = 0; off < vocab; off += block_) {
       const int64_t n = std::min(block_, vocab - off);
-      shifts_[off / block_] = accumulate_block<acc_t, kSoft, kHard, kPowT>(
-          st, student(off, n), teacher(off, n), n, a_.params.inv_temperature, exp_t_.data() + off,
-          exp_s_.data() + off);
+      shifts_[off / block_] = statistics_block(st, off, n);
     }
     const double s_target = hard_row ? load_one(a_.student, a_.student_dtype, s_base_ + y) : 0.0;
     RowCoeffs<double> coeffs{};
@@ -417,6 +420,20 @@ class RowWorker {
             acc_t(delta),
             acc_t(a_.divergence.beta),
             acc_t(a_.divergence.one_minus_beta)};
+  }
+
+  // Pass 1 on one block. Only forward KL reads w and max_d: the other divergences take D from their
+  // own sums.
+  BlockShift statistics_block(RowStats<double>& st, int64_t off, int64_t n) {
+    const acc_t* s = student(off, n);
+    const acc_t* t = teacher(off, n);
+    acc_t* et = exp_t_.data() + off;
+    acc_t* es = exp_s_.data() + off;
+    const double inv_t = a_.params.inv_temperature;
+    if (a_.divergence.kind == Divergence::ForwardKL) {
+      return accumulate_block<acc_t, kSoft, kHard, kPowT, true>(st, s, t, n, inv_t, et, es);
+    }
+    return accumulate_block<acc_t, kSoft, kHard, kPowT, false>(st, s, t, n, inv_t, et, es);
   }
 
   template <bool kRefine>
@@ -472,15 +489,22 @@ class RowWorker {
                            int64_t y, bool want_grad) {
     // lse(t / T) - lse(s / T), the maxima split out so that near-equal rows keep their low bits.
     const double delta = (st.max_t - st.max_s) * cd.inv_t + (std::log(st.sum_t) - std::log(st.sum_b));
+    const bool want_teacher = want_grad && a_.grad_teacher != nullptr;
     DivergenceSums sums;
     for (int64_t off = 0; off < a_.vocab; off += block_) {
       const int64_t n = std::min(block_, a_.vocab - off);
-      divergence_sums_block<kKind, acc_t>(student(off, n), teacher(off, n), exp_t_.data() + off,
-                                          exp_s_.data() + off, n, frame(off, cd, delta), qg_.data() + off,
-                                          ph_.data() + off, sums);
+      const BlockFrame<acc_t> fr = frame(off, cd, delta);
+      const acc_t* s = student(off, n);
+      const acc_t* t = teacher(off, n);
+      const acc_t* et = exp_t_.data() + off;
+      const acc_t* es = exp_s_.data() + off;
+      if (want_teacher) {
+        divergence_sums_block<kKind, acc_t, true>(s, t, et, es, n, fr, qg_.data() + off, ph_.data() + off, sums);
+      } else {
+        divergence_sums_block<kKind, acc_t, false>(s, t, et, es, n, fr, qg_.data() + off, nullptr, sums);
+      }
     }
     if (!want_grad) return sums.f;
-    const bool want_teacher = a_.grad_teacher != nullptr;
     constexpr bool kNeedLogits = kHard && kPowT == 0;
     for (int64_t off = 0; off < a_.vocab; off += block_) {
       const int64_t n = std::min(block_, a_.vocab - off);

@@ -1,6 +1,7 @@
 // The passes of a divergence other than forward KL over one block of a row (divergence_row.h):
-// pass 2 gathers the element terms' row sums and keeps qg and ph; pass 3 writes the gradients. Pass 1
-// (the softmax statistics and exps) is the forward-KL kernel's accumulate_block.
+// pass 2 gathers the element terms' row sums and keeps qg (and ph, which only the teacher gradient
+// reads: kKeepPh); pass 3 writes the gradients. Pass 1 (the softmax statistics and exps) is the
+// forward-KL kernel's accumulate_block.
 // Include inside the ISA namespace of distill_cpu_kernel.cpp, after its helpers.
 #pragma once
 
@@ -16,7 +17,7 @@ struct BlockFrame {
   acc_t q_scale, p_scale, inv_t, delta, beta, one_minus_beta;
 };
 
-template <Divergence kKind, class acc_t>
+template <Divergence kKind, class acc_t, bool kKeepPh>
 void divergence_sums_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, const acc_t* exp_s, int64_t n,
                            const BlockFrame<acc_t>& fr, acc_t* qg_out, acc_t* ph_out, DivergenceSums& sums) {
   using V = Vectorized<acc_t>;
@@ -36,7 +37,7 @@ void divergence_sums_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, c
       qg = qg + e.qg;
       ph = ph + e.ph;
       e.qg.store(qg_out + i);
-      e.ph.store(ph_out + i);
+      if constexpr (kKeepPh) e.ph.store(ph_out + i);
     }
     sums.f += horizontal_sum(f);
     sums.qg += horizontal_sum(qg);
@@ -52,7 +53,7 @@ void divergence_sums_block(const acc_t* s, const acc_t* t, const acc_t* exp_t, c
     sums.qg += double(e.qg);
     sums.ph += double(e.ph);
     qg_out[i] = e.qg;
-    ph_out[i] = e.ph;
+    if constexpr (kKeepPh) ph_out[i] = e.ph;
   }
 }
 
