@@ -28,9 +28,10 @@ $(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
 	touch $@
 
 # The tests also run DeepSpeed ZeRO-3 on the CPU: the [deepspeed] extra, for the tests only (its C++ ops
-# are not needed).
+# are not needed); and PEFT students (LoRA, modules_to_save) in the fused-linear path.
 $(VENV)/.test-deps: $(VENV)/.deps
 	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed
+	$(PY) -m pip install -q peft
 	touch $@
 
 test: install $(VENV)/.test-deps

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fastkd.integrations._hf_head import unwrap_peft
+
 IGNORE_INDEX = -100
 
 
@@ -53,11 +55,15 @@ def head_transform(model: nn.Module) -> tuple[float, float | None]:
 
 
 def base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(base_model, lm_head)`` of a causal LM (the head holds ``weight`` (V, H) and ``bias`` (V,) or None).
+    """``(base_model, lm_head)`` of a causal LM, or of the one inside a PEFT ``PeftModel`` (whose inner
+    adapters the base model runs). The head's ``x @ W.T + b`` comes from
+    :func:`fastkd.integrations._hf_head.head_weight_and_bias` once ``check_head`` accepted it.
 
     Raises:
-        ValueError: the model has no separate base model and output embedding (not a ``...ForCausalLM``).
+        ValueError: the model has no separate base model and output embedding (not a ``...ForCausalLM``),
+            or a PEFT prompt-learning adapter is active.
     """
+    model = unwrap_peft(model)
     base = getattr(model, "base_model", model)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None

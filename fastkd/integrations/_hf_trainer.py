@@ -12,6 +12,7 @@ from torch import nn
 
 import fastkd
 from fastkd.integrations._hf_config import DistillationConfig
+from fastkd.integrations._hf_head import check_head, head_weight_and_bias
 from fastkd.integrations._hf_loss import (
     base_and_head,
     causal_lm_targets,
@@ -222,6 +223,10 @@ class DistillationTrainer(transformers.Trainer):
         reduction (DistributedDataParallel's all-reduce, FSDP2's reduce-scatter) like every other one."""
         args: DistillationConfig = self.args
         student = self.accelerator.unwrap_model(model)
+        # Before any forward: a head the fused path would not compute exactly is refused.
+        check_head(base_and_head(student)[1], "student's lm_head")
+        if sparse_teacher is None:
+            check_head(base_and_head(self.teacher_model)[1], "teacher's lm_head")
         transform = head_transform(student)
         if sparse_teacher is None and head_transform(self.teacher_model) != transform:
             raise ValueError(
@@ -242,7 +247,7 @@ class DistillationTrainer(transformers.Trainer):
                 hidden = last_hidden_state(s_base, model_inputs)
 
             def student_head(hidden: torch.Tensor) -> torch.Tensor:
-                s_weight, s_bias = s_head.weight, getattr(s_head, "bias", None)
+                s_weight, s_bias = head_weight_and_bias(s_head)
                 vocab = args.vocab_size or s_weight.shape[0]
                 self._check_vocab("student lm_head", s_weight.shape[0], vocab)
                 if sparse_teacher is not None:
@@ -266,7 +271,8 @@ class DistillationTrainer(transformers.Trainer):
         result: list[torch.Tensor] = []
 
         def teacher_head(t_hidden: torch.Tensor, t_head: nn.Module) -> None:
-            t_weight, t_bias = t_head.weight, getattr(t_head, "bias", None)
+            with torch.no_grad():
+                t_weight, t_bias = head_weight_and_bias(t_head)
             self._check_vocab("teacher lm_head", t_weight.shape[0], vocab)
             # The loss leaves by the closure, not as the teacher's output: a sharded teacher's wrapper
             # would otherwise gather its parameters again in backward for a gradient it never gets.
