@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fastkd.sharding import check_materialised
+
 FUSED_OFF = "use fused_linear=False"
 # Hooks that frameworks put on every module to gather / move parameters: they leave the output alone.
 _PARAMETER_HOOK_MODULES = ("torch.distributed.", "deepspeed.", "accelerate.")
@@ -85,6 +87,9 @@ def head_weight_and_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
         return weight, bias
     for adapter in _lora_adapters(head):
         lora_a, lora_b, scaling = head.lora_A[adapter], head.lora_B[adapter], head.scaling[adapter]
+        # A shard (FSDP2, ZeRO-3 outside the submodule's forward) would fail the sum unclearly.
+        check_materialised(**{"lm_head.base_layer.weight": weight, f"lm_head.lora_A[{adapter!r}].weight": lora_a.weight,
+                              f"lm_head.lora_B[{adapter!r}].weight": lora_b.weight})
         weight = weight + ((lora_b.weight @ lora_a.weight) * scaling).to(weight.dtype)
         if lora_b.bias is not None:
             delta_bias = (lora_b.bias * scaling).to(weight.dtype)

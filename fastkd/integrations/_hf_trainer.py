@@ -57,6 +57,10 @@ class DistillationTrainer(transformers.Trainer):
       step under FSDP2 / ZeRO-3, and the student's gradient goes through the framework's reduction.
       The head's ``logit_scale`` / ``logits_scaling`` / ``final_logit_softcapping`` (from the configs)
       must match between the models.
+      A PEFT student runs its inner model's base model; the lm_head's ``modules_to_save`` copy, or its
+      LoRA adapters folded into the weight (``W + scaling * B @ A``), give the head it computes. A head
+      the fused path cannot compute exactly (LoRA dropout in training, DoRA, another class, a forward
+      hook, prompt learning) raises a ``ValueError`` naming ``fused_linear=False``.
 
     Args:
         model: the student, a ``...ForCausalLM`` (``transformers.PreTrainedModel`` or any module whose
