@@ -125,7 +125,9 @@ def is_fsdp2(module: nn.Module) -> bool:
 def shard_frozen(model: nn.Module, device_type: str) -> nn.Module:
     """``model`` sharded with FSDP2 across all processes for forward only: eval mode, no gradients, each
     block of its ``_no_split_modules`` classes (the decoder layers of a transformers model) a group of
-    its own, gathered one at a time as the forward reaches it, then the rest as the root group."""
+    its own, gathered one at a time as the forward reaches it, then the rest as the root group, resharded
+    after the forward too (FSDP2 keeps a root group whole after the forward unless told otherwise, for a
+    backward that a frozen model never runs)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -135,7 +137,7 @@ def shard_frozen(model: nn.Module, device_type: str) -> nn.Module:
     for module in model.modules():
         if module is not model and type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
     return model
 
 

@@ -31,11 +31,15 @@
 #   bench-sparse        benchmarks/bench_sparse_teacher.py, a K=64 top-k teacher at the headline shape
 #   bench-extra         bf16 / fp32 at V=128256, 32000 and N=32768 against eager
 #   bench-divergences   every divergence at the headline shape (the generic rows kernel) vs eager
+#   fsdp2               scripts/fsdp2_gpu_smoke.py: DistillationTrainer(fused_linear=True) under
+#                       accelerate's own FSDP2 plugin (accelerate launch, 1 process), 2 steps of a tiny
+#                       Llama pair, loss and parameters against the same run without FSDP
 #
 # Everything lands in $OUT (default ./gpu-check-out): gpu_check.log (this output), one log per stage
 # (<stage>.log), the pytest tiers' JUnit XML (<stage>.xml) and the benchmark results named after the
 # GPU (h100.json / .md / .png, h100-fused-linear.*, h100-sparse-teacher.*, h100-extra.md,
-# h100-divergences.*; "h200-..." on an H200).
+# h100-divergences.*; "h200-..." on an H200), and the fsdp2 stage's accelerate config
+# (fsdp2-accelerate.yaml) and reference run (fsdp2-reference.pt).
 #
 # Liger-Kernel for the comparison (optional): put its wheel (pure Python; it needs triton, which
 # torch brings) in the git-ignored folder .whl/ at the repository root, e.g.
@@ -74,6 +78,7 @@ STAGES=(
   "bench-sparse 35 0 bench_sparse_teacher.py K=64 at 8192x128256 bf16"
   "bench-extra 45 0 bench_loss.py bf16 / fp32 at 8192x128256, 4096x32000, 32768x128256 vs eager"
   "bench-divergences 45 0 bench_loss.py every divergence at 8192x128256 bf16 vs eager"
+  "fsdp2 40 0 scripts/fsdp2_gpu_smoke.py: DistillationTrainer under accelerate's FSDP2, vs no FSDP"
 )
 declare -A LIMIT=() GUARANTEED=() PURPOSE=()
 ORDER=()
@@ -177,6 +182,7 @@ stage_detail() {
     smoke) grep -E "^smoke:|MISSED|TOO LARGE|no CUDA device" "$log" | tail -n 4 | paste -sd ';' - ;;
     memcheck | racecheck | synccheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^smoke:" "$log" | paste -sd ';' - ;;
     bench*) bench_detail "$name" ;;
+    fsdp2) grep -E "^fsdp2 smoke:|^FAILED:|^fsdp2 \(accelerate" "$log" | tail -n 4 | paste -sd ';' - ;;
   esac
 }
 
@@ -353,6 +359,7 @@ gpu_stages() {
   rm -f "$OUT/$LABEL-extra.json" "$OUT/$LABEL-extra.png"  # its table is enough
   stage bench-divergences "${bench[@]}" --machine "$LABEL-divergences" \
     --shapes 8192x128256 --dtypes bf16 --divergences all --no-compile --no-liger --repeats 5
+  stage fsdp2 "$PY" scripts/fsdp2_gpu_smoke.py --out "$OUT"
 }
 
 skip_gpu_stages() {

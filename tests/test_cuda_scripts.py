@@ -1,7 +1,7 @@
 """The GPU check's scripts on any machine (no GPU): scripts/gpu_check.sh's plan (order and time limits
 of one sitting), its stage runner (a stopped stage is recorded and interrupted gracefully first), its
 summary of a pytest log and its machine label; scripts/cuda_smoke.py's cases (one per kernel, run here
-on the CPU) and its kernel checks."""
+on the CPU) and its kernel checks; scripts/fsdp2_gpu_smoke.py's accelerate config and its comparison."""
 from __future__ import annotations
 
 import importlib.util
@@ -45,6 +45,9 @@ def test_the_plan_fits_one_sitting_in_the_order_a_first_run_needs():
     names = [name for name, _, _ in stages]
     assert names[:len(FIRST_STAGES)] == FIRST_STAGES
     assert {"tests-slow", "bench-fused-linear", "bench-sparse", "bench-extra", "bench-divergences"} <= set(names)
+    # accelerate's FSDP2 run comes after every benchmark, with a short limit, out of the guaranteed stages
+    assert names[-1] == "fsdp2" and all(not n.startswith("bench") for n in names[names.index("fsdp2"):])
+    assert dict((n, limit) for n, limit, _ in stages)["fsdp2"] <= 45
     through_sanitizers = sum(limit for name, limit, _ in stages[:names.index("synccheck") + 1])
     # every stage up to the sanitizers runs even if each takes its whole limit, with a margin for the
     # steps between stages and the summary
@@ -146,3 +149,46 @@ def test_smoke_runs_on_the_cpu(capsys, monkeypatch):
     assert lines[-1] == "smoke: ok"
     assert len(lines) == len(smoke.SMALL_CASES) + len(smoke.SMALL_SPARSE_CASES) + 1
     assert all(" rows " in line for line in lines[:len(smoke.SMALL_CASES)])  # the CPU runs every case as rows
+
+
+# ---------------------------------------------------------------- scripts/fsdp2_gpu_smoke.py
+def _fsdp2_smoke():
+    name = "fsdp2_gpu_smoke_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts/fsdp2_gpu_smoke.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_fsdp2_smoke_writes_an_fsdp2_config_that_accelerate_reads(tmp_path):
+    config_args = pytest.importorskip("accelerate.commands.config.config_args")
+    path = tmp_path / "fsdp2.yaml"
+    assert _fsdp2_smoke().main(["--write-config", str(path)]) == 0
+    config = config_args.load_config_from_file(str(path))
+    assert config.distributed_type == "FSDP" and config.num_processes == 1 and not config.use_cpu
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+
+
+def test_fsdp2_smoke_comparison_flags_each_difference():
+    import torch
+
+    smoke = _fsdp2_smoke()
+    want = {"loss": 2.5, "params": {"w": torch.ones(3)}, "fsdp2": False, "fsdp_version": None}
+    same = {"loss": 2.5 * (1 + 1e-5), "params": {"w": torch.ones(3) + 1e-6}, "fsdp2": True, "fsdp_version": 2}
+    assert smoke.compare(same, want) == []
+    assert "not an FSDP2 module" in smoke.compare({**same, "fsdp2": False}, want)[0]
+    assert "not finite" in smoke.compare({**same, "loss": float("nan")}, want)[0]
+    assert "!= reference" in smoke.compare({**same, "loss": 2.6}, want)[0]
+    assert "parameter w differs" in smoke.compare({**same, "params": {"w": torch.ones(3) * 1.01}}, want)[0]
+
+
+def test_fsdp2_smoke_without_a_gpu_says_so(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert _fsdp2_smoke().main(["--out", "unused"]) == 2
+    assert "no CUDA device" in capsys.readouterr().out
