@@ -38,6 +38,8 @@ def _model(hidden: int, seed: int, sharpen: float = 1.0) -> transformers.LlamaFo
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, **_LAYERS))
     with torch.no_grad():  # sharper than the init so that the divergence is not tiny
         model.lm_head.weight.mul_(sharpen)
+    # Several end-of-sequence tokens, so that completions end early and the completion mask has holes.
+    model.generation_config.eos_token_id = list(range(1, VOCAB, 4))
     return model
 
 
@@ -87,6 +89,7 @@ class _Recording(DistillationTrainer):
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         loss, entropy, n_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         self.recorded = (loss.detach(), self._reference(unwrapped_student, inputs, num_items_in_batch))
+        self.completion_mask = inputs["completion_mask"]
         return loss, entropy, n_valid
 
     def _reference(self, student, inputs, num_items_in_batch) -> torch.Tensor:
@@ -126,6 +129,7 @@ def test_loss_knobs_match_reference(tmp_path, knobs):
     trainer.train()
     loss, expected = trainer.recorded
     assert float(expected) > 0
+    assert 0 < trainer.completion_mask.sum() < trainer.completion_mask.numel()  # some completions ended early
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 

@@ -19,7 +19,7 @@ tokens), ``label_smoothing`` and ``chunk_size``.
 
 The loss runs where TRL runs its own, inside the student's forward (TRL's forward redirection), so
 DDP, FSDP2 and DeepSpeed ZeRO-3 see it as TRL's. TRL's per-token student entropy metric needs the
-student's logits, which the fused loss never builds: it is logged as NaN.
+student's logits, which the fused loss never builds: it has no value (NaN, shown as None).
 
 Importing this module imports TRL; ``import fastkd`` does not.
 """
