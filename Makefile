@@ -32,6 +32,7 @@ $(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
 $(VENV)/.test-deps: $(VENV)/.deps
 	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed
 	$(PY) -m pip install -q peft
+	$(PY) -m pip install -q "trl>=1.16,<1.17"
 	touch $@
 
 test: install $(VENV)/.test-deps
