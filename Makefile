@@ -27,12 +27,11 @@ $(VENV)/.fastkd-built: $(VENV)/.deps $(BUILD_INPUTS)
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
-# The tests also run DeepSpeed ZeRO-3 on the CPU: the [deepspeed] extra, for the tests only (its C++ ops
-# are not needed); and PEFT students (LoRA, modules_to_save) in the fused-linear path.
+# What only the tests use: DeepSpeed ZeRO-3 on the CPU (the [deepspeed] extra; its C++ ops are not
+# needed), PEFT students (LoRA, modules_to_save) in the fused-linear path, and TRL's trainer (the [trl]
+# extra's range).
 $(VENV)/.test-deps: $(VENV)/.deps
-	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed
-	$(PY) -m pip install -q peft
-	$(PY) -m pip install -q "trl>=1.16,<1.17"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed peft "trl>=1.16,<1.17"
 	touch $@
 
 test: install $(VENV)/.test-deps
