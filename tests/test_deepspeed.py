@@ -5,12 +5,10 @@ concatenated batches. Needs the optional extra ``deepspeed``."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
@@ -18,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import _llm_pair as pair  # noqa: E402
 from _llm_pair import PER_RANK, SEQ, STEPS, VOCAB, WORLD  # noqa: E402
+from _spawn import spawn_ranks  # noqa: E402
 
 import fastkd  # noqa: E402
 
@@ -132,17 +131,9 @@ def _worker(rank: int, out: str, port: int) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
-    mp.spawn(_worker, args=(str(out), _free_port()), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("zero3"), WORLD)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -3,12 +3,12 @@ variables torchrun sets, so that the Distiller joins the process group itself.""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _spawn import free_port
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -99,16 +99,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

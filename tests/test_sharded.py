@@ -4,13 +4,11 @@ concatenated batches; and the clear error for a shard read outside its model's f
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
 
@@ -22,6 +20,7 @@ if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
 
 import _llm_pair as pair  # noqa: E402
 from _llm_pair import LOSS, PER_RANK, STEPS, VOCAB, WORLD  # noqa: E402
+from _spawn import spawn_ranks  # noqa: E402
 
 _student, _teacher, _examples, _collate = pair.student, pair.teacher, pair.examples, pair.collate
 _shard, _full_params = pair.shard_fsdp2, pair.full_params
@@ -107,17 +106,9 @@ def _worker(rank: int, out: str, port: int) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(str(out), _free_port()), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp2"), WORLD)
 
 
 def _assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
