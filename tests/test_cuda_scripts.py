@@ -105,15 +105,18 @@ def test_a_given_roofline_is_not_called_the_h200s():
 
 
 # ---------------------------------------------------------------- scripts/cuda_smoke.py
-def _smoke():
-    """scripts/cuda_smoke.py as a module (registered first: its dataclasses look their module up)."""
-    name = "cuda_smoke_script"
+def _script(name: str, path: str):
+    """A script under scripts/ as a module (registered first: dataclasses look their module up)."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts/cuda_smoke.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _smoke():
+    return _script("cuda_smoke_script", "scripts/cuda_smoke.py")
 
 
 KERNELS = {"stream-warp", "stream", "resident-1", "resident-cluster", "rows"}
@@ -153,13 +156,7 @@ def test_smoke_runs_on_the_cpu(capsys, monkeypatch):
 
 # ---------------------------------------------------------------- scripts/fsdp2_gpu_smoke.py
 def _fsdp2_smoke():
-    name = "fsdp2_gpu_smoke_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts/fsdp2_gpu_smoke.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _script("fsdp2_gpu_smoke_script", "scripts/fsdp2_gpu_smoke.py")
 
 
 def test_fsdp2_smoke_writes_an_fsdp2_config_that_accelerate_reads(tmp_path):

@@ -79,7 +79,6 @@ RowsOutputs distill_rows_cpu(const at::Tensor& student, const at::Tensor& teache
   args.rows = call.rows;
   args.vocab = call.vocab;
   args.params = params;
-  args.grad_scale = 1.0;
   args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
   args.grad_teacher = teacher_grad ? grad_t.data_ptr() : nullptr;
   args.row_loss = row_loss.data();

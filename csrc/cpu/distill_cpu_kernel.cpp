@@ -373,7 +373,7 @@ class RowWorker {
     }
     const double s_target = hard_row ? load_one(a_.student, a_.student_dtype, s_base_ + y) : 0.0;
     RowCoeffs<double> coeffs{};
-    RowLoss<double> loss = finalize<double>(st, s_target, a_.params, a_.grad_scale, &coeffs);
+    RowLoss<double> loss = finalize<double>(st, s_target, a_.params, /*grad_scale=*/1.0, &coeffs);
     if (!soft_row) {
       loss.soft = 0;
       coeffs.soft_coef = 0;

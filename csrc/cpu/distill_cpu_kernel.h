@@ -31,7 +31,6 @@ struct RowsArgs {
   // FASTKD_CPU_BLOCK so that a short row is gathered in many partial blocks and every merge runs.
   int64_t block_size = 0;
   LossParams params;
-  double grad_scale = 1.0;          // multiplies the gradient (a reduction's scale, or fp16's pre-scale)
   void* grad_student = nullptr;     // null: no student gradient wanted
   void* grad_teacher = nullptr;     // null: no teacher gradient wanted
   double* row_loss = nullptr;       // per row, length rows

@@ -101,7 +101,6 @@ SparseOutputs sparse_distill_rows_cpu(const at::Tensor& student, const at::Tenso
   args.sparse = call.sparse;
   args.rows = rows;
   args.vocab = vocab;
-  args.grad_scale = 1.0;
   args.grad_student = student_grad ? grad_s.data_ptr() : nullptr;
   args.row_loss = row_loss.data();
   args.row_soft = row_soft.data();

@@ -284,9 +284,8 @@ class SparseRowWorker {
   void write_gradient(int64_t row, int64_t y, bool hard_row, const SoftRow& soft, const StudentSums& sums) {
     const int64_t n = a_.vocab;
     const int64_t n_vec = n - n % kW;
-    const double gs = a_.grad_scale;
-    const double soft_coef = a_.params.soft_weight * a_.params.inv_temperature * gs;
-    const double hard_coef = hard_row ? a_.params.hard_weight * gs : 0.0;
+    const double soft_coef = a_.params.soft_weight * a_.params.inv_temperature;
+    const double hard_coef = hard_row ? a_.params.hard_weight : 0.0;
     const double eps = a_.params.label_smoothing;
     const int pow_t = hard_row ? a_.params.integer_temperature : 1;
     // g_j = coef_b exp_b_j + coef_1 exp_1_j - uniform, then the target and the support corrections.

@@ -27,7 +27,6 @@ struct SparseArgs {
   int64_t rows = 0;
   int64_t vocab = 0;
   LossParams params;
-  double grad_scale = 1.0;       // multiplies the gradient (fp16's pre-scale)
   void* grad_student = nullptr;  // null: no gradient wanted; else (rows, vocab) of student_dtype
   double* row_loss = nullptr;
   double* row_soft = nullptr;

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "cuda/launch.h"
+#include "distill_op.h"  // kernel_view
 
 namespace fastkd::cuda {
 
@@ -28,8 +29,7 @@ inline at::ScalarType compute_dtype(const at::Tensor& student, const at::Tensor&
 // Logits as the kernels read them: `compute` dtype, unit stride along the vocabulary, any row stride
 // (a vocabulary slice x[..., :V] of wider logits is read in place, not copied).
 inline at::Tensor rows_view(const at::Tensor& x, at::ScalarType compute) {
-  at::Tensor v = x.scalar_type() == compute ? x : x.to(compute);
-  return v.stride(1) == 1 && v.stride(0) >= 0 ? v : v.contiguous();
+  return kernel_view(x.to(compute), /*float64=*/false);
 }
 
 // Target as int64, soft_mask and weights (float64) contiguous on the device, and the float64 per-row
