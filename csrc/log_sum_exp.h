@@ -64,9 +64,12 @@ struct LogSumExp {
 };
 
 
+// Elements a thread sums in acc_t before adding into fp64 (the CPU kernel's flush length too).
+constexpr int kFlushElements = 16;
+
 // A sum of acc_t values (a thread's elements) folded into fp64 every kFlush values: the element
 // arithmetic at acc_t's rate, the row's total with fp64's digits.
-template <class acc_t, int kFlush = 16>
+template <class acc_t, int kFlush = kFlushElements>
 struct FlushedSum {
   double sum = 0;
   acc_t part = 0;
@@ -92,7 +95,7 @@ struct FlushedSum {
 // sum goes into the fp64 sum every kFlush elements and whenever the maximum rises (rarely, after the
 // first few elements). -inf elements add 0, a NaN makes the sum NaN, and so does +inf (exp(inf - inf),
 // as in a softmax over it). `Math` supplies exp in acc_t.
-template <class acc_t, class Math, int kFlush = 16>
+template <class acc_t, class Math, int kFlush = kFlushElements>
 struct ExpSum {
   LogSumExp<double> lse;
   acc_t top = -std::numeric_limits<acc_t>::infinity();  // lse.m in acc_t (exact: it is an element)

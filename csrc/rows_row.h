@@ -22,9 +22,6 @@
 namespace fastkd {
 inline namespace FASTKD_ISA {
 
-// Elements a thread sums in acc_t before adding into fp64 (the CPU kernel's flush length too).
-constexpr int kRowsFlush = 16;
-
 // Pass 1 of one thread (or, merged, of the row). Only doubles: the block reductions shuffle it as such.
 struct RowShare {
   LogSumExp<double> t;    // of t at k = 1 / T
@@ -45,8 +42,8 @@ struct RowShare {
 template <class acc_t, class Math, class Load, class LoadT>
 FASTKD_HD RowShare gather_row_share(const Load& s, const LoadT& t, int64_t first, int64_t step, int64_t vocab,
                                     acc_t inv_t, bool hard) {
-  ExpSum<acc_t, Math, kRowsFlush> et, eb, e1;
-  FlushedSum<acc_t, kRowsFlush> sum_s;
+  ExpSum<acc_t, Math> et, eb, e1;
+  FlushedSum<acc_t> sum_s;
   for (int64_t j = first; j < vocab; j += step) {
     const acc_t sv = s(j);
     et.add(t(j), inv_t);
@@ -131,7 +128,7 @@ struct DivergenceShare {
 template <Divergence kKind, class acc_t, class Math, class Load, class LoadT>
 FASTKD_HD DivergenceShare gather_divergence_share(const Load& s, const LoadT& t, const RowFrame<acc_t>& fr,
                                                   int64_t first, int64_t step, int64_t vocab) {
-  FlushedSum<acc_t, kRowsFlush> f, qg, ph;
+  FlushedSum<acc_t> f, qg, ph;
   acc_t max_qg = 0, max_ph = 0;
   for (int64_t j = first; j < vocab; j += step) {
     const acc_t sv = s(j), tv = t(j);
