@@ -30,6 +30,23 @@ TORCH_LIBRARY(fastkd, m) {
       "str tail, bool student_grad) "
       "-> (Tensor loss, Tensor soft, Tensor hard, Tensor grad_student, Tensor grad_scale)");
 
+  // The vocabulary-parallel passes over one rank's columns [vocab_start, vocab_start + local vocab) of
+  // logits sharded by vocabulary (docs/spec.md, "Tensor parallel"); the caller combines the per-row
+  // outputs across ranks between the calls. Statistics: (rows, 7) float64, the softmax maxima and sums
+  // of both sides, the student's sum and its logit at a target on this rank. Sums: (rows, 3) float64,
+  // the divergence's sums of f, qg, ph under the global frame (rows, 6). Gradients: of the local
+  // columns, from the frame and the per-row coefficients (rows, 4).
+  m.def(
+      "vocab_parallel_stats(Tensor student, Tensor? teacher, Tensor? target, float temperature, int ignore_index, "
+      "int vocab_start) -> Tensor");
+  m.def(
+      "vocab_parallel_sums(Tensor student, Tensor teacher, Tensor frame, float temperature, str divergence, "
+      "float beta) -> Tensor");
+  m.def(
+      "vocab_parallel_gradients(Tensor student, Tensor teacher, Tensor? target, Tensor frame, Tensor coeffs, "
+      "float temperature, int ignore_index, int vocab_start, int global_vocab, float label_smoothing, "
+      "str divergence, float beta, bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+
   // The .temperature_tensor overloads: each op with `Tensor temperature`, a 0-d floating-point CPU tensor
   // read on the host (temperature_overloads.cpp), in place of `float temperature`. torch.compile passes a
   // temperature this way: a float argument is specialised, one graph per value, a tensor is an input of

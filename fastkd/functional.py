@@ -15,6 +15,16 @@ def has_kernel(device: torch.device) -> bool:
     return _cuda_fallback.fused_kernels_run_on(device)
 
 
+def _is_dtensor(x: object) -> bool:
+    """A DTensor (logits sharded across a tensor-parallel group), without importing torch.distributed
+    for plain tensors."""
+    if type(x) is torch.Tensor or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
 def _sparse_op_checks_indices(student_logits: object) -> bool:
     """Whether the sparse op runs and checks a SparseTeacher's indices itself (range and duplicates in
     one pass, cheaper than the sort of the Python check)."""
@@ -101,6 +111,11 @@ def distill_loss(
         label_smoothing=label_smoothing, scale_by_temperature_squared=scale_by_temperature_squared,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
+    if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
+        from fastkd.vocab_parallel import vocab_parallel_distill_loss
+
+        return vocab_parallel_distill_loss(
+            student_logits, teacher_logits, target, return_terms=return_terms, **{**kwargs, "beta": resolved_beta})
     # One decision for every route (dense, sparse, any divergence or dtype), before any kernel runs.
     if not has_kernel(student_logits.device):
         _cuda_fallback.warn_fallback(student_logits.device, stacklevel=2)

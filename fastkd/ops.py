@@ -278,3 +278,22 @@ def _sparse_backward(ctx, grad_loss, _gsoft, _ghard, _ggs, _gscale):
 
 # The teacher (indices, values) gets no gradient: the sparse teacher is offline.
 _register("fastkd::sparse_distill_rows", _sparse_rows_fake, _sparse_backward, _sparse_setup_context)
+
+
+# The vocabulary-parallel passes (fastkd.vocab_parallel): per-row float64 tables, and the gradients of a
+# rank's columns. Their autograd lives in fastkd.vocab_parallel.rows.
+@torch.library.register_fake("fastkd::vocab_parallel_stats")
+def _vocab_parallel_stats_fake(student, teacher, target, temperature, ignore_index, vocab_start):
+    return student.new_empty((student.shape[0], 7), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastkd::vocab_parallel_sums")
+def _vocab_parallel_sums_fake(student, teacher, frame, temperature, divergence, beta):
+    return student.new_empty((student.shape[0], 3), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastkd::vocab_parallel_gradients")
+def _vocab_parallel_gradients_fake(student, teacher, target, frame, coeffs, temperature, ignore_index, vocab_start,
+                                   global_vocab, label_smoothing, divergence, beta, student_grad, teacher_grad):
+    return (student.new_empty(student.shape if student_grad else (0,)),
+            teacher.new_empty(teacher.shape if teacher_grad else (0,)))

@@ -1,0 +1,61 @@
+"""``fastkd.distill_loss`` on logits sharded by vocabulary across a tensor-parallel group (DTensors
+placed ``Shard(-1)``): the loss of the full logits, with only per-row numbers crossing the group."""
+from __future__ import annotations
+
+import torch
+
+from fastkd.terms import DistillTerms
+from fastkd.vocab_parallel.layout import replicated, same_layout, vocab_shard
+from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms
+
+
+def vocab_parallel_distill_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, *, temperature: float,
+    alpha: float, ignore_index: int, reduction: str, label_smoothing: float, scale_by_temperature_squared: bool,
+    divergence: str, beta: float, soft_mask: torch.Tensor | None, num_items_in_batch: int | torch.Tensor | None,
+    return_terms: bool,
+) -> torch.Tensor | DistillTerms:
+    """The arguments of :func:`fastkd.distill_loss`, already checked, with DTensor logits. Returns a plain
+    tensor, the same on every rank; the logits' gradients come back as DTensors placed like them."""
+    from fastkd.functional import _reduced_terms, _row_weights  # the dense path's weights and reduction
+
+    student = vocab_shard(student_logits, "student_logits")
+    teacher = same_layout(student, teacher_logits)
+    target = replicated(target, "target")
+    soft_mask = replicated(soft_mask, "soft_mask")
+    local_vocab = student.local.shape[-1]
+    lead = student.local.shape[:-1]
+    rows = lead.numel()  # not reshape(-1, ...): a rank may hold no column of a narrow vocabulary
+    s = student.local.reshape(rows, local_vocab)
+    t = teacher.local.reshape(rows, local_vocab)
+    y = None if target is None else target.reshape(-1)
+    mask = None if soft_mask is None else soft_mask.reshape(-1)
+    if y is not None and y.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_target_range(y, student.vocab, ignore_index)
+    spec = RowSpec(student.mesh, float(temperature), divergence, float(beta), float(label_smoothing), int(ignore_index),
+                   student.start, student.vocab)
+    soft, hard = VocabParallelRowTerms.apply(s, t, y, spec)
+    hard_rows = y != ignore_index if y is not None else None
+    soft_rows = mask if mask is not None else hard_rows
+    if soft_rows is not None:
+        soft = torch.where(soft_rows, soft, torch.zeros_like(soft))
+    hard = torch.where(hard_rows, hard, torch.zeros_like(hard)) if hard_rows is not None else hard
+    weights, soft_norm, hard_norm = _row_weights(
+        s, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
+        ignore_index=ignore_index, reduction=reduction, batch=lead[0] if len(lead) > 0 else 1,
+        num_items_in_batch=num_items_in_batch,
+    )
+    loss_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+    loss_rows = (weights[0] * soft + weights[1] * hard).to(loss_dtype)
+    return _reduced_terms(loss_rows, soft.to(loss_dtype).detach(), hard.to(loss_dtype).detach(), lead, reduction,
+                          soft_norm, hard_norm, return_terms)
+
+
+def _check_target_range(y: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"target value {int(y[row])} at row {row} is out of range: expected a class index in [0, {vocab}) or "
+            f"ignore_index ({ignore_index})"
+        )

@@ -1,0 +1,92 @@
+"""The cases of the vocabulary-parallel tests, run on every rank of a gloo group: each rank computes
+``fastkd.distill_loss`` on DTensors sharded by vocabulary and, from the same seeded full tensors, the
+float64 reference; the errors come back for the test to judge."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import fastkd
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+# Each variant: distill_loss keyword arguments, and how the inputs are built.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mean": dict(),
+    "sum": dict(reduction="sum"),
+    "batchmean": dict(reduction="batchmean"),
+    "none": dict(reduction="none"),
+    "soft_mask": dict(soft_mask=True),
+    "num_items": dict(num_items_in_batch=7),
+    "num_items_tensor": dict(num_items_in_batch="tensor"),
+    "no_target": dict(alpha=1.0, target=False),
+    "no_t2_no_smoothing": dict(scale_by_temperature_squared=False, label_smoothing=0.0),
+    "student_only_grad": dict(teacher_grad=False),
+    "neg_inf_teacher": dict(neg_inf=True),
+    "tiny_vocab": dict(vocab=4),  # 3 ranks: shards of 2, 2 and 0 columns
+}
+
+
+def _inputs(dtype: torch.dtype, vocab: int, seed: int, neg_inf: bool, target: bool):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 5, vocab, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(2, 5, vocab, generator=g, dtype=torch.float64) * 3
+    if neg_inf:  # one row whose teacher is -inf on every column but one, another with a few -inf
+        t[0, 0, 1:] = float("-inf")
+        t[1, 2, ::3] = float("-inf")
+    y = torch.randint(0, vocab, (2, 5), generator=g) if target else None
+    if y is not None:
+        y[0, 1] = -100
+        y[1, 3] = -100
+    return s.to(dtype), t.to(dtype), y
+
+
+def run_case(mesh, dtype_name: str, divergence: str, variant: str, seed: int = 0) -> dict[str, float]:
+    """Relative errors of the sharded loss (against the float64 reference of the full logits) and of
+    the gradients (relative to their largest entry)."""
+    cfg = dict(VARIANTS[variant])
+    dtype = DTYPES[dtype_name]
+    vocab = cfg.pop("vocab", 11)
+    s, t, y = _inputs(dtype, vocab, seed, cfg.pop("neg_inf", False), cfg.pop("target", True))
+    teacher_grad = cfg.pop("teacher_grad", True)
+    kwargs: dict[str, Any] = dict(temperature=2.0, alpha=0.7, label_smoothing=0.1, divergence=divergence)
+    kwargs.update(cfg)
+    if kwargs.get("soft_mask"):
+        kwargs["soft_mask"] = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    if kwargs.get("num_items_in_batch") == "tensor":
+        kwargs["num_items_in_batch"] = torch.tensor(9)
+    row_weights = torch.rand(2, 5, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+
+    def total(loss: torch.Tensor) -> torch.Tensor:
+        return (loss * row_weights.to(loss.dtype)).sum() if loss.dim() > 0 else loss
+
+    s_ref = s.double().requires_grad_()
+    t_ref = t.double().requires_grad_(teacher_grad)
+    ref = fastkd.reference.distill_loss(s_ref, t_ref, y, **kwargs)
+    total(ref).backward()
+
+    ds = distribute_tensor(s, mesh, [Shard(-1)]).requires_grad_()
+    dt = distribute_tensor(t, mesh, [Shard(-1)]).requires_grad_(teacher_grad)
+    loss = fastkd.distill_loss(ds, dt, y, **kwargs)
+    total(loss).backward()
+    assert isinstance(ds.grad, DTensor) and ds.grad.placements == ds.placements
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.double(), b.double()
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):
+            return float("inf")
+        if not finite.any():  # e.g. reverse KL against a teacher with zeros: inf on both sides
+            return 0.0 if torch.equal(a, b) else float("inf")
+        return ((a - b)[finite].abs().max() / b[finite].abs().max().clamp(min=1e-300)).item()
+
+    errors = {"loss": rel(loss.detach(), ref.detach()), "grad_student": rel(ds.grad.full_tensor(), s_ref.grad)}
+    if teacher_grad:
+        errors["grad_teacher"] = rel(dt.grad.full_tensor(), t_ref.grad)
+    else:
+        errors["teacher_has_no_grad"] = 0.0 if dt.grad is None else 1.0
+    errors["loss_dtype_ok"] = 0.0 if loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) else 1.0
+    return errors

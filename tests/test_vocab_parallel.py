@@ -1,0 +1,124 @@
+"""fastkd.distill_loss on logits sharded by vocabulary (DTensors placed Shard(-1) over a tensor-parallel
+group): 2 and 3 gloo processes on the CPU (3 makes the shards uneven, and a 4-wide vocabulary leaves one
+rank without columns) against the float64 reference of the full logits; every divergence, reduction and
+mask; the clear errors for other layouts. The passes themselves are checked in one process against
+their PyTorch form (tests/test_vocab_parallel_passes.py)."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+if not dist.is_available():
+    pytest.skip("torch.distributed is needed", allow_module_level=True)
+
+import _vocab_parallel_cases as cases  # noqa: E402
+from _spawn import spawn_ranks  # noqa: E402
+
+# Relative error bounds against the float64 reference (loss; gradients relative to their largest entry).
+TOLERANCE = {"float64": 1e-12, "float32": 1e-6}
+DIVERGENCE_CASES = [(d, dt, "mean") for d in cases.DIVERGENCES for dt in cases.DTYPES]
+VARIANT_CASES = [(d, dt, v) for d in ("forward_kl", "jsd") for dt in cases.DTYPES for v in cases.VARIANTS
+                 if v != "mean"]
+ALL_CASES = DIVERGENCE_CASES + VARIANT_CASES + [
+    (d, "float64", v) for d in ("reverse_kl", "tvd", "skew_reverse_kl") for v in ("none", "neg_inf_teacher")]
+
+
+def _errors_of(fn, *args) -> dict[str, float] | str:
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001  (reported to the test, which fails with it)
+        return f"{type(e).__name__}: {e}"
+
+
+def _layout_errors(mesh) -> dict[str, str]:
+    """The message each wrong layout raises (or 'no error')."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fastkd
+
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    y = torch.randint(0, 8, (4,))
+    cases_ = {
+        "rows_sharded": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(0)]),
+                                                    distribute_tensor(t, mesh, [Shard(0)]), y),
+        "teacher_replicated": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]),
+                                                          distribute_tensor(t, mesh, [Replicate()]), y),
+        "teacher_plain": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]), t, y),
+        "target_sharded": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]),
+                                                      distribute_tensor(t, mesh, [Shard(1)]),
+                                                      distribute_tensor(y, mesh, [Shard(0)])),
+        "target_out_of_range": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]),
+                                                           distribute_tensor(t, mesh, [Shard(1)]), y + 8),
+    }
+    out = {}
+    for name, call in cases_.items():
+        try:
+            call()
+            out[name] = "no error"
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _worker(rank: int, out: str, port: int, world: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A rank that failed alone would leave the others waiting in a collective: time out instead.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        results = {case: _errors_of(cases.run_case, mesh, case[1], case[0], case[2]) for case in ALL_CASES}
+        results["layout"] = _layout_errors(mesh)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker_2(rank: int, out: str, port: int) -> None:
+    _worker(rank, out, port, 2)
+
+
+def _worker_3(rank: int, out: str, port: int) -> None:
+    _worker(rank, out, port, 3)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def ranks(request, tmp_path_factory) -> list[dict]:
+    world = request.param
+    return spawn_ranks(_worker_2 if world == 2 else _worker_3, tmp_path_factory.mktemp(f"tp{world}"), world)
+
+
+@pytest.mark.parametrize(("divergence", "dtype", "variant"), ALL_CASES, ids=["-".join(c) for c in ALL_CASES])
+def test_equals_the_loss_of_the_full_logits(ranks, divergence, dtype, variant):
+    for rank, results in enumerate(ranks):
+        errors = results[(divergence, dtype, variant)]
+        assert isinstance(errors, dict), f"rank {rank}: {errors}"
+        for name, err in errors.items():
+            assert err <= TOLERANCE[dtype], f"rank {rank}: {name} relative error {err:.3g}"
+
+
+def test_every_rank_gets_the_same_loss(ranks):
+    # The merge of the gathered statistics runs in the same order everywhere: bitwise equal errors.
+    first = ranks[0]
+    for other in ranks[1:]:
+        for case in ALL_CASES:
+            assert other[case]["loss"] == first[case]["loss"], case
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("rows_sharded", "placements (Shard(-1),)"),
+    ("teacher_replicated", "teacher_logits is a DTensor placed (Replicate(),)"),
+    ("teacher_plain", "teacher_logits is a Tensor"),
+    ("target_sharded", "target is a DTensor placed (Shard(dim=0),)"),
+    ("target_out_of_range", "IndexError: target value"),
+])
+def test_other_layouts_are_refused_clearly(ranks, case, expected):
+    for results in ranks:
+        assert expected in results["layout"][case], results["layout"][case]
