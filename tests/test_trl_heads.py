@@ -94,6 +94,15 @@ def test_padded_teacher_vocabulary_is_sliced(tmp_path):
     _check_step(trainer, *_reference_step(trainer, teacher_vocab=pair.VOCAB))
 
 
+def test_padded_teacher_given_by_name_is_loaded_and_sliced(tmp_path):
+    # A teacher path is loaded as TRL loads it, then checked and prepared by fastkd.
+    pair.model(24, 1, sharpen=8.0, vocab=pair.VOCAB + 8).save_pretrained(tmp_path / "teacher")
+    with pytest.warns(UserWarning, match="larger than the student's"):
+        trainer = _run(tmp_path / "out", pair.model(16, 0), str(tmp_path / "teacher"))
+    assert trainer.accelerator.unwrap_model(trainer.teacher_model).lm_head.weight.shape[0] == pair.VOCAB + 8
+    _check_step(trainer, *_reference_step(trainer, teacher_vocab=pair.VOCAB))
+
+
 def test_student_vocabulary_larger_than_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"student's vocabulary \({pair.VOCAB + 8}\).*teacher's \({pair.VOCAB}\)"):
         _run(tmp_path, pair.model(16, 0, vocab=pair.VOCAB + 8), pair.model(24, 1))

@@ -18,8 +18,12 @@ The extra knobs: ``divergence`` (every fastkd divergence), ``skew_beta`` (the sk
 tokens), ``label_smoothing`` and ``chunk_size``.
 
 The loss runs where TRL runs its own, inside the student's forward (TRL's forward redirection), so
-DDP, FSDP2 and DeepSpeed ZeRO-3 see it as TRL's. TRL's per-token student entropy metric needs the
-student's logits, which the fused loss never builds: it has no value (NaN, shown as None).
+DDP, FSDP2 and DeepSpeed ZeRO-3 see it as TRL's. Each head is its model's own, read from its config
+as TRL reads it (lm_head bias, ``logit_scale`` and its variants, ``final_logit_softcapping``); the
+student's and the teacher's may differ. A teacher whose lm_head is padded beyond the student's
+vocabulary is used over the student's vocabulary (its first V_student rows), which TRL refuses. TRL's
+per-token student entropy metric is computed in row chunks of the student's head, without grad and
+without N x V logits (one extra matmul of the student's head over the completion tokens).
 
 Importing this module imports TRL; ``import fastkd`` does not.
 """
@@ -121,16 +125,17 @@ class DistillationTrainer(trl.DistillationTrainer):
     [0, V_student) of its lm_head; a student larger than its teacher is refused.
     """
 
-    def __init__(self, model, teacher_model=None, args=None, *rest, **kwargs):
-        # TRL refuses vocabularies that differ; the teacher is prepared here instead, as TRL prepares it.
+    def __init__(self, model: Any, teacher_model: Any = None, args: trl.DistillationConfig | None = None,
+                 *rest: Any, **kwargs: Any) -> None:
+        # TRL refuses vocabularies that differ: the teacher is loaded and prepared here, as TRL does.
         if isinstance(teacher_model, str) and args is not None:
             teacher_model = _trl_head.load_teacher(teacher_model, args)
         elif teacher_model is not None and args is not None and args.teacher_model_init_kwargs is not None:
-            raise ValueError("You passed teacher_model_init_kwargs to the config, but your teacher_model is already "
-                             "instantiated.")
-        super().__init__(model, None if isinstance(teacher_model, torch.nn.Module) else teacher_model, args,
-                         *rest, **kwargs)
-        if isinstance(teacher_model, torch.nn.Module):
+            raise ValueError("teacher_model_init_kwargs is set, but the teacher_model is already a model: its "
+                             "keywords would be ignored")
+        own_teacher = isinstance(teacher_model, torch.nn.Module)
+        super().__init__(model, None if own_teacher else teacher_model, args, *rest, **kwargs)
+        if own_teacher:
             self._check_vocabularies(teacher_model)
             self.teacher_model = (prepare_deepspeed(teacher_model, self.accelerator) if self.is_deepspeed_enabled
                                   else self.accelerator.prepare_model(teacher_model, evaluation_mode=True))
