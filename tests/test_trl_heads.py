@@ -121,3 +121,18 @@ def test_bf16_step_is_close_to_trl(tmp_path):
     for name, value in got["weights"].items():
         assert value.dtype == torch.bfloat16 and torch.isfinite(value).all(), name
         torch.testing.assert_close(value, want["weights"][name], rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_entropy_sum_in_chunks_equals_float64(chunk_size):
+    from fastkd.integrations import _trl_head
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, bias = (torch.randn(*s, generator=g) for s in ((2, 5, 8), (pair.VOCAB, 8), (pair.VOCAB,)))
+    rows = torch.rand(2, 5, generator=g) < 0.6
+    got = _trl_head.entropy_sum(hidden, weight, bias, rows, 0.7, 2.5, 0.9, chunk_size)
+    z = (hidden.double() @ weight.double().T + bias.double()) * 0.7
+    log_p = (torch.tanh(z / 2.5) * 2.5 / 0.9).log_softmax(-1)
+    want = -(log_p.exp() * log_p).sum(-1)[rows].sum()
+    assert 0 < rows.sum() < rows.numel()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
