@@ -31,6 +31,8 @@ _CHUNK_BYTES_CPU = 64 << 20
 _CHUNK_BYTES_ACCELERATOR = 256 << 20
 # Chunks of a multiple of this many rows fill whole matmul tiles.
 _CHUNK_ROW_MULTIPLE = 128
+# logit_scale / softcap: one value for both heads, or a (student, teacher) pair.
+HeadOption = float | None | tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,8 @@ def _default_chunk_size(vocab: int, element_bytes: int, device_type: str) -> int
 
 
 def _run_chunks(
-    student: _Side, teacher: _Side, head: _Head, target: torch.Tensor | None, soft_mask: torch.Tensor | None,
+    student: _Side, teacher: _Side, heads: tuple[_Head, _Head], target: torch.Tensor | None,
+    soft_mask: torch.Tensor | None,
     weights: torch.Tensor, chunk_size: int, row_grad: torch.Tensor | None, kw: dict, fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over all rows: the per-row loss terms, and the gradients into the sides' accumulators
@@ -188,12 +191,12 @@ def _run_chunks(
         reference.distill_rows, kw["temperature"])
     rest = (kw["ignore_index"], kw["label_smoothing"], kw["divergence"], kw["beta"])
     # A softcap or logit_scale chain-rule factor is applied in the accumulation dtype.
-    keep = head.softcap is None and head.logit_scale == 1.0
+    keeps = [head.softcap is None and head.logit_scale == 1.0 for head in heads]
     loss_rows, soft_rows, hard_rows = [], [], []
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
-        zs = student.chunk_logits(head, rows, min(chunk_size, n))
-        zt = teacher.chunk_logits(head, rows, min(chunk_size, n))
+        zs = student.chunk_logits(heads[0], rows, min(chunk_size, n))
+        zt = teacher.chunk_logits(heads[1], rows, min(chunk_size, n))
         y_chunk = None if target is None else target[rows]
         mask_chunk = None if soft_mask is None else soft_mask[rows]
         if isinstance(zt, SparseTeacher) and fused:
@@ -210,7 +213,8 @@ def _run_chunks(
             if not wanted:
                 continue
             rg = None if row_grad is None else row_grad[rows]
-            side.accumulate(head, rows, _unscaled(g, ops.side_scale(grad_scale, index), rg, keep), z)
+            g = _unscaled(g, ops.side_scale(grad_scale, index), rg, keeps[index])
+            side.accumulate(heads[index], rows, g, z)
         # Free this chunk's gradients before the next op call, so that the op's CPU allocator can hand
         # the same pages out again.
         del gs, gt, g
@@ -226,16 +230,16 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg: dict, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_logits):
-        head, kw = cfg["head"], cfg["kw"]
+        heads, kw = cfg["heads"], cfg["kw"]
         student = _Side(s_hidden, s_weight, s_bias, None)
         teacher = _Side(t_hidden, t_weight, t_bias, t_logits)
         per_row = cfg["reduction"] == "none"
         # Under no_grad / inference_mode (evaluation) no gradient is computed, whatever requires grad.
         needs = ctx.needs_input_grad[1:] if cfg["grad_enabled"] else (False,) * 7
         if not per_row and any(needs):
-            _allocate_grads(student, teacher, needs, head.vocab)
+            _allocate_grads(student, teacher, needs, heads[0].vocab)
         loss_rows, soft_rows, hard_rows = _run_chunks(
-            student, teacher, head, cfg["target"], cfg["soft_mask"], cfg["weights"], cfg["chunk_size"], None, kw,
+            student, teacher, heads, cfg["target"], cfg["soft_mask"], cfg["weights"], cfg["chunk_size"], None, kw,
             cfg["fused"],
         )
         ctx.cfg = cfg
@@ -261,9 +265,9 @@ class _FusedLinearDistill(torch.autograd.Function):
             t_logits = inputs[6] if ctx.sparse_teacher is None else SparseTeacher(*inputs[6:], *ctx.sparse_teacher)
             student, teacher = _Side(*inputs[:3], None), _Side(*inputs[3:6], t_logits)
             cfg = ctx.cfg
-            _allocate_grads(student, teacher, ctx.needs_input_grad[1:], cfg["head"].vocab)
+            _allocate_grads(student, teacher, ctx.needs_input_grad[1:], cfg["heads"][0].vocab)
             with torch.no_grad():  # closed-form gradients, also under create_graph=True (refused below)
-                _run_chunks(student, teacher, cfg["head"], cfg["target"], cfg["soft_mask"], cfg["weights"],
+                _run_chunks(student, teacher, cfg["heads"], cfg["target"], cfg["soft_mask"], cfg["weights"],
                             cfg["chunk_size"], grad_loss_rows.to(_accumulation_dtype(grad_loss_rows.dtype)), cfg["kw"],
                             cfg["fused"])
             grads = _collect_grads(student, teacher, ctx.needs_input_grad[1:])
@@ -322,7 +326,7 @@ def _check_head_args(
     student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
     teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None, teacher_bias: torch.Tensor | None,
     teacher_logits: torch.Tensor | None, vocab_size: int | None, chunk_size: int | None,
-    logit_scale: float, softcap: float | None,
+    logit_scale: HeadOption, softcap: HeadOption,
 ) -> int:
     """Raise for inconsistent head inputs; return the vocabulary size used."""
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
@@ -390,12 +394,30 @@ def _check_head_args(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    if softcap is not None and not (isinstance(softcap, numbers.Real) and 0 < softcap < math.inf):
-        raise ValueError(f"softcap must be a finite float > 0, or None, got {softcap!r}")
-    if (isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real)
-            or not -math.inf < logit_scale < math.inf or logit_scale == 0):
-        raise ValueError(f"logit_scale must be a finite non-zero float, got {logit_scale!r}")
+    for cap in _per_side(softcap, "softcap"):
+        if cap is not None and not (isinstance(cap, numbers.Real) and 0 < cap < math.inf):
+            raise ValueError(f"softcap must be a finite float > 0, or None (or a pair of them), got {softcap!r}")
+    for scale in _per_side(logit_scale, "logit_scale"):
+        if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                or not -math.inf < scale < math.inf or scale == 0):
+            raise ValueError(f"logit_scale must be a finite non-zero float (or a pair of them), got {logit_scale!r}")
     return vocab_size
+
+
+def _per_side(value: HeadOption, name: str) -> tuple:
+    """(student's, teacher's) of a head option given once for both heads or as a pair."""
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value or a (student, teacher) pair, got {value!r}")
+        return tuple(value)
+    return value, value
+
+
+def _heads(vocab: int, logit_scale: HeadOption, softcap: HeadOption) -> tuple[_Head, _Head]:
+    """The student's and the teacher's head transforms."""
+    return tuple(_Head(vocab, float(scale), None if cap is None else float(cap))
+                 for scale, cap in zip(_per_side(logit_scale, "logit_scale"), _per_side(softcap, "softcap"),
+                                       strict=True))
 
 
 def fused_linear_distill_loss(
@@ -408,8 +430,8 @@ def fused_linear_distill_loss(
     teacher_logits: torch.Tensor | SparseTeacher | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     temperature: float = 1.0,
@@ -442,7 +464,8 @@ def fused_linear_distill_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V_t, H_t)``, ``(V_t,)``.
         teacher_logits: ``(..., V_t)`` instead of the teacher's head, or a :class:`fastkd.SparseTeacher`
             (a ``torch.topk`` result too): the teacher's top-k entries, never densified.
-        logit_scale, softcap: the head's output scaling and soft cap (both heads).
+        logit_scale, softcap: the heads' output scaling and soft cap: one value for both heads, or a
+            ``(student, teacher)`` pair for heads that differ (the teacher's is unused with ``teacher_logits``).
         vocab_size: use only the first ``vocab_size`` rows of each weight / entries of dense teacher
             logits (a teacher vocabulary padded beyond the student's); required when they differ.
         chunk_size: rows per chunk (default: from V).
@@ -483,9 +506,8 @@ def fused_linear_distill_loss(
     fused = has_kernel(student_hidden.device)
     if not fused:
         _cuda_fallback.warn_fallback(student_hidden.device, stacklevel=2)
-    head = _Head(vocab, float(logit_scale), None if softcap is None else float(softcap))
     cfg = dict(
-        head=head, target=y, soft_mask=mask, weights=weights, reduction=reduction, grad_enabled=torch.is_grad_enabled(),
+        heads=_heads(vocab, logit_scale, softcap), target=y, soft_mask=mask, weights=weights, reduction=reduction, grad_enabled=torch.is_grad_enabled(),
         chunk_size=int(chunk_size) if chunk_size else _default_chunk_size(vocab, student_hidden.element_size(), student_hidden.device.type),
         # temperature as given: under torch.compile a symbolic one stays symbolic (ops.with_temperature).
         kw=dict(temperature=temperature, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),

@@ -67,6 +67,31 @@ def test_equals_the_materialised_loss(divergence, reduction):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_each_head_has_its_own_scale_soft_cap_and_bias(divergence):
+    # A Gemma-like soft-capped student against a Cohere-like scaled teacher with a bias of its own.
+    c = _case(teacher_extra=7)
+    bt = torch.randn(c["wt"].shape[0], generator=torch.Generator().manual_seed(1), dtype=F64).requires_grad_()
+    kw = dict(temperature=1.3, alpha=0.6, divergence=divergence)
+    loss = fastkd.fused_linear_distill_loss(
+        c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"], student_bias=c["bs"],
+        teacher_bias=bt, vocab_size=c["vocab"], chunk_size=5, logit_scale=(1.0, 0.7), softcap=(4.0, None), **kw)
+    inputs = [*_inputs(c), bt]
+    grads = torch.autograd.grad(loss, inputs)
+    zs = _head(c["hs"], c["ws"], c["bs"], c["vocab"], softcap=4.0)
+    zt = _head(c["ht"], c["wt"], bt, c["vocab"], logit_scale=0.7)
+    want = fastkd.reference.distill_loss(zs, zt, c["y"], **kw)
+    want_grads = torch.autograd.grad(want, inputs)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # The pair matters: one shared option would give another loss.
+    shared = fastkd.fused_linear_distill_loss(
+        c["hs"], c["ws"], c["y"], teacher_hidden=c["ht"], teacher_weight=c["wt"], student_bias=c["bs"],
+        teacher_bias=bt, vocab_size=c["vocab"], logit_scale=1.0, softcap=4.0, **kw)
+    assert not torch.allclose(shared, want)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
@@ -211,6 +236,9 @@ def test_chunk_logits_buffers_are_reused():
         (dict(softcap=0.0), "softcap must be a finite float > 0"),
         (dict(softcap=float("inf")), "softcap must be a finite float > 0"),
         (dict(logit_scale=float("nan")), "logit_scale must be a finite non-zero float"),
+        (dict(softcap=(5.0, 0.0)), "softcap must be a finite float > 0"),
+        (dict(logit_scale=(1.0, 0.0)), "logit_scale must be a finite non-zero float"),
+        (dict(logit_scale=(1.0, 2.0, 3.0)), r"logit_scale must be one value or a \(student, teacher\) pair"),
         (dict(chunk_size=True), "chunk_size must be a positive int"),
         (dict(teacher_weight=torch.randn(97, 20, dtype=torch.float32)), "teacher_hidden is torch.float64 but "
                                                                          "teacher_weight is torch.float32"),

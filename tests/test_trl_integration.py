@@ -17,52 +17,12 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
+import _trl_pair as pair  # noqa: E402
+
 from fastkd import reference  # noqa: E402
 from fastkd.integrations.trl import DistillationConfig, DistillationTrainer  # noqa: E402
 
-VOCAB, COMPLETION = 32, 5
-_LAYERS = dict(intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-               pad_token_id=0, eos_token_id=1, bos_token_id=None)
-
-
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    words = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                padding_side="left")
-
-
-def _model(hidden: int, seed: int, sharpen: float = 1.0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, **_LAYERS))
-    with torch.no_grad():  # sharper than the init so that the divergence is not tiny
-        model.lm_head.weight.mul_(sharpen)
-    # Several end-of-sequence tokens, so that completions end early and the completion mask has holes.
-    model.generation_config.eos_token_id = list(range(1, VOCAB, 4))
-    return model
-
-
-def _dataset() -> datasets.Dataset:
-    # Prompts of different lengths, so the left padding and the completion mask matter.
-    return datasets.Dataset.from_dict({"prompt": ["w2 w3 w4", "w5 w6", "w7 w8 w9 w10", "w11"]})
-
-
-def _args(tmp_path, config_class=DistillationConfig, **kwargs):
-    return config_class(
-        output_dir=str(tmp_path), max_steps=1, max_completion_length=COMPLETION,
-        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", bf16=False, use_cpu=True,
-        report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_dropout=True,
-        **{"per_device_train_batch_size": 4, **kwargs},
-    )
-
-
-def _train(trainer_class, args):
-    student, teacher = _model(16, 0), _model(24, 1, sharpen=8.0)
-    trainer = trainer_class(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
-                            processing_class=_tokenizer())
-    out = trainer.train()
-    return out.training_loss, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+_tokenizer, _model, _dataset, _args = pair.tokenizer, pair.model, pair.dataset, pair.args
 
 
 @pytest.mark.parametrize(("beta", "accumulation"), [(0.0, 1), (0.5, 1), (1.0, 1), (0.5, 2)],
@@ -71,14 +31,17 @@ def test_one_step_matches_trl(tmp_path, beta, accumulation):
     # Accumulated: the loss is normalised by the completion tokens of both micro-batches (TRL's num_items_in_batch).
     kw = dict(beta=beta, temperature=0.9, gradient_accumulation_steps=accumulation,
               per_device_train_batch_size=4 // accumulation)
-    trl_loss, trl_weights = _train(trl.DistillationTrainer, _args(tmp_path / "trl", trl.DistillationConfig, **kw))
-    loss, weights = _train(DistillationTrainer, _args(tmp_path / "fastkd", **kw))
+    want = pair.train(trl.DistillationTrainer, _args(tmp_path / "trl", trl.DistillationConfig, **kw))
+    got = pair.train(DistillationTrainer, _args(tmp_path / "fastkd", **kw))
     initial = _model(16, 0).state_dict()
-    assert loss > 0
-    assert loss == pytest.approx(trl_loss, rel=1e-5)
+    assert got["loss"] > 0
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    # TRL's student entropy metric, computed by fastkd in row chunks of the student's head.
+    assert want["entropy"] > 0
+    assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
     moved = 0
-    for name, value in trl_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in want["weights"].items():
+        torch.testing.assert_close(got["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         moved += not torch.equal(value, initial[name])
     assert moved > 0  # the step changed the weights
 

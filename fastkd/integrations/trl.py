@@ -18,22 +18,29 @@ The extra knobs: ``divergence`` (every fastkd divergence), ``skew_beta`` (the sk
 tokens), ``label_smoothing`` and ``chunk_size``.
 
 The loss runs where TRL runs its own, inside the student's forward (TRL's forward redirection), so
-DDP, FSDP2 and DeepSpeed ZeRO-3 see it as TRL's. TRL's per-token student entropy metric needs the
-student's logits, which the fused loss never builds: it has no value (NaN, shown as None).
+DDP, FSDP2 and DeepSpeed ZeRO-3 see it as TRL's. Each head is its model's own, read from its config
+as TRL reads it (lm_head bias, ``logit_scale`` and its variants, ``final_logit_softcapping``); the
+student's and the teacher's may differ. A teacher whose lm_head is padded beyond the student's
+vocabulary is used over the student's vocabulary (its first V_student rows), which TRL refuses. TRL's
+per-token student entropy metric is computed in row chunks of the student's head, without grad and
+without N x V logits (one extra matmul of the student's head over the completion tokens).
 
 Importing this module imports TRL; ``import fastkd`` does not.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trl
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 import fastkd
+from fastkd.integrations import _trl_head
 
 __all__ = ["DistillationConfig", "DistillationTrainer"]
 
@@ -95,32 +102,6 @@ def _check_loss_args(args: DistillationConfig) -> None:
         raise ValueError(f"chunk_size must be > 0, got {args.chunk_size}")
 
 
-def _logit_scale(config: Any) -> float:
-    """The factor a model's head applies to its logits before any soft cap (1 for most models)."""
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is None:
-        return 1.0
-    # HyperCLOVA X multiplies by logits_scaling; Granite and MiniCPM3 divide by it.
-    return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
-
-
-def _head_transform(student_config: Any, teacher_config: Any) -> tuple[float, float | None]:
-    """(logit_scale, softcap) shared by both heads: fastkd applies one transform to both."""
-    scale, teacher_scale = _logit_scale(student_config), _logit_scale(teacher_config)
-    softcap = getattr(student_config, "final_logit_softcapping", None)
-    teacher_softcap = getattr(teacher_config, "final_logit_softcapping", None)
-    if scale != teacher_scale or softcap != teacher_softcap:
-        raise ValueError(
-            "fastkd's loss applies one logit scale and soft cap to both heads, but the student has "
-            f"(logit_scale={scale}, final_logit_softcapping={softcap}) and the teacher "
-            f"(logit_scale={teacher_scale}, final_logit_softcapping={teacher_softcap})")
-    return scale, softcap
-
-
 def _whole(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """An FSDP2 shard (DTensor) read outside its module's forward as the whole tensor; others as they are."""
     if x is None:
@@ -138,7 +119,35 @@ class DistillationTrainer(trl.DistillationTrainer):
     Takes TRL's arguments with a :class:`DistillationConfig` (TRL's configuration gives TRL's loss
     knobs their defaults). Generation, batching, ``num_items_in_batch`` and the forward redirection
     through the DDP / FSDP / DeepSpeed wrapper are TRL's.
+
+    A teacher whose vocabulary is larger than the student's (its lm_head padded beyond the tokenizer,
+    as Qwen2.5's larger models against its smaller ones) is used over the student's vocabulary: rows
+    [0, V_student) of its lm_head; a student larger than its teacher is refused.
     """
+
+    def __init__(self, model: Any, teacher_model: Any = None, args: trl.DistillationConfig | None = None,
+                 *rest: Any, **kwargs: Any) -> None:
+        # TRL refuses vocabularies that differ: the teacher is loaded and prepared here, as TRL does.
+        if isinstance(teacher_model, str) and args is not None:
+            teacher_model = _trl_head.load_teacher(teacher_model, args)
+        elif teacher_model is not None and args is not None and args.teacher_model_init_kwargs is not None:
+            raise ValueError("teacher_model_init_kwargs is set, but the teacher_model is already a model: its "
+                             "keywords would be ignored")
+        own_teacher = isinstance(teacher_model, torch.nn.Module)
+        super().__init__(model, None if own_teacher else teacher_model, args, *rest, **kwargs)
+        if own_teacher:
+            self._check_vocabularies(teacher_model)
+            self.teacher_model = (prepare_deepspeed(teacher_model, self.accelerator) if self.is_deepspeed_enabled
+                                  else self.accelerator.prepare_model(teacher_model, evaluation_mode=True))
+
+    def _check_vocabularies(self, teacher_model: torch.nn.Module) -> None:
+        student_vocab = self.model.config.get_text_config().vocab_size
+        teacher_vocab = teacher_model.config.get_text_config().vocab_size
+        if _trl_head.check_vocabularies(student_vocab, teacher_vocab):
+            warnings.warn(
+                f"the teacher's vocabulary ({teacher_vocab}) is larger than the student's ({student_vocab}): the "
+                f"loss uses the teacher's first {student_vocab} logits (its lm_head's extra rows are taken as "
+                "padding beyond the tokenizer)", stacklevel=3)
 
     def _loss_kwargs(self) -> dict[str, Any]:
         args = self.args
@@ -178,20 +187,26 @@ class DistillationTrainer(trl.DistillationTrainer):
         student_head = unwrapped_student.get_output_embeddings()
         teacher_head = unwrapped_teacher.get_output_embeddings()
         device = student_head.weight.device
-        logit_scale, softcap = _head_transform(unwrapped_student.config.get_text_config(),
-                                               unwrapped_teacher.config.get_text_config())
+        student_config = unwrapped_student.config.get_text_config()
+        options = _trl_head.head_options(student_config, unwrapped_teacher.config.get_text_config())
         # The teacher's completion tokens are the student's targets: only its masked ones are dropped.
         target = inputs["completion_ids"].masked_fill(loss_mask == 0, -100).to(device)
         with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias), \
                 maybe_gather_lm_head_ctx(teacher_head.weight, teacher_head.bias):
+            student_weight = _whole(student_head.weight, student_hidden.dtype)
+            teacher_weight = _whole(teacher_head.weight, teacher_hidden.dtype)
+            student_bias = _whole(student_head.bias)
+            padded = _trl_head.check_vocabularies(student_weight.shape[0], teacher_weight.shape[0])
             loss = fastkd.fused_linear_distill_loss(
-                student_hidden.to(device), _whole(student_head.weight, student_hidden.dtype), target,
-                teacher_hidden=teacher_hidden.to(device),
-                teacher_weight=_whole(teacher_head.weight, teacher_hidden.dtype),
-                student_bias=_whole(student_head.bias), teacher_bias=_whole(teacher_head.bias),
-                logit_scale=logit_scale, softcap=softcap, num_items_in_batch=num_items_in_batch,
-                **self._loss_kwargs(),
+                student_hidden.to(device), student_weight, target, teacher_hidden=teacher_hidden.to(device),
+                teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=_whole(teacher_head.bias),
+                vocab_size=student_weight.shape[0] if padded else None, num_items_in_batch=num_items_in_batch,
+                **options, **self._loss_kwargs(),
             )
-        n_valid = (loss_mask != 0).sum()
-        # No student logits exist to take the entropy of.
-        return loss, loss.new_full((), float("nan")).detach(), n_valid
+            # TRL's metric: the student's entropy at the sampling temperature, summed over the loss's tokens.
+            entropy = _trl_head.entropy_sum(
+                student_hidden.detach().to(device), student_weight.detach(),
+                None if student_bias is None else student_bias.detach(), (loss_mask != 0).to(device),
+                options["logit_scale"][0], options["softcap"][0], self.temperature,
+                getattr(self.args, "chunk_size", None))
+        return loss, entropy, (loss_mask != 0).sum()
