@@ -481,6 +481,15 @@ def fused_linear_distill_loss(
         ValueError: a weight or bias is a shard (an FSDP2 DTensor, a DeepSpeed ZeRO-3 partition) read
             outside its model's forward: call the loss through :func:`fastkd.inside_forward`.
     """
+    if _column_parallel(student_weight, student_hidden):
+        return _column_parallel_loss(
+            student_hidden, student_weight, target, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
+            logit_scale=logit_scale, softcap=softcap, vocab_size=vocab_size, chunk_size=chunk_size,
+            temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, scale_by_temperature_squared=scale_by_temperature_squared,
+            divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
+            return_terms=return_terms)
     # A shard's shape is the whole parameter's (DTensor) or empty (ZeRO-3): refuse it before any shape check.
     check_materialised(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
                        teacher_bias=teacher_bias)
@@ -525,6 +534,51 @@ def fused_linear_distill_loss(
         cfg, h_s, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias, t_logits,
     )
     return _reduced_terms(loss_rows, soft_rows, hard_rows, rows_shape, reduction, soft_norm, hard_norm, return_terms)
+
+
+def _column_parallel(weight: object, hidden: object) -> bool:
+    """A vocabulary-sharded (column-parallel) head: both the weight and the hidden states are DTensors.
+    A DTensor weight with plain hidden states is an FSDP2 shard, which check_materialised refuses."""
+    if type(weight) is torch.Tensor or type(hidden) is torch.Tensor or not torch.distributed.is_available():
+        return False
+    from fastkd.vocab_parallel.fused_linear import is_column_parallel
+
+    return is_column_parallel(weight, hidden)
+
+
+def _column_parallel_loss(student_hidden, student_weight, target, *, teacher_hidden, teacher_weight, teacher_logits,
+                          vocab_size, logit_scale, softcap, chunk_size, **kwargs) -> torch.Tensor | DistillTerms:
+    """fused_linear_distill_loss with the heads sharded by vocabulary (fastkd.vocab_parallel.fused_linear)."""
+    from fastkd.vocab_parallel.fused_linear import column_parallel_distill_loss
+
+    if teacher_logits is not None or teacher_hidden is None or teacher_weight is None:
+        raise ValueError(
+            "with a column-parallel (vocabulary-sharded) student_weight, give the teacher as teacher_hidden and a "
+            "teacher_weight sharded the same way (teacher_logits is not supported there)")
+    if vocab_size is not None:
+        raise ValueError("vocab_size is not supported with a column-parallel student_weight: shard the heads' "
+                         "first vocab_size rows")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    vocab = student_weight.shape[0]
+    if student_hidden.shape[-1] != student_weight.shape[-1] or teacher_hidden.shape[-1] != teacher_weight.shape[-1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} / student_weight {tuple(student_weight.shape)} or "
+            f"teacher_hidden {tuple(teacher_hidden.shape)} / teacher_weight {tuple(teacher_weight.shape)}: the "
+            f"hidden size (last dimension) must equal the weight's second")
+    probe = torch.zeros((), dtype=student_hidden.dtype).expand(*student_hidden.shape[:-1], vocab)
+    beta = check_distill_args(
+        probe, probe, target if not _is_dtensor(target) else target.to_local(), kwargs["temperature"],
+        kwargs["alpha"], kwargs["label_smoothing"], kwargs["reduction"], divergence=kwargs["divergence"],
+        beta=kwargs.pop("beta"), soft_mask=kwargs["soft_mask"] if not _is_dtensor(kwargs["soft_mask"]) else None,
+        num_items_in_batch=kwargs["num_items_in_batch"])
+    return column_parallel_distill_loss(
+        student_hidden, student_weight, target, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        heads=_heads(vocab, logit_scale, softcap), chunk_size=chunk_size, beta=beta, **kwargs)
+
+
+def _is_dtensor(x: object) -> bool:
+    return x is not None and type(x) is not torch.Tensor and type(x).__name__ == "DTensor"
 
 
 class FusedLinearDistillLoss(torch.nn.Module):

@@ -27,6 +27,9 @@ VARIANT_CASES = [(d, dt, v) for d in ("forward_kl", "jsd") for dt in cases.DTYPE
 ALL_CASES = DIVERGENCE_CASES + VARIANT_CASES + [
     (d, "float64", v) for d in ("reverse_kl", "tvd", "skew_reverse_kl") for v in ("none", "neg_inf_teacher")]
 
+FUSED_CASES = [(d, dt, "mean") for d in cases.DIVERGENCES for dt in cases.DTYPES] + [
+    ("jsd", dt, v) for dt in cases.DTYPES for v in cases.FUSED_VARIANTS if v != "mean"]
+
 
 def _errors_of(fn, *args) -> dict[str, float] | str:
     try:
@@ -52,6 +55,14 @@ def _layout_errors(mesh) -> dict[str, str]:
         "target_sharded": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]),
                                                       distribute_tensor(t, mesh, [Shard(1)]),
                                                       distribute_tensor(y, mesh, [Shard(0)])),
+        "fused_plain_hidden": lambda: fastkd.fused_linear_distill_loss(
+            torch.randn(4, 3), distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)]), y,
+            teacher_hidden=torch.randn(4, 3), teacher_weight=torch.randn(8, 3)),
+        "fused_weight_replicated": lambda: fastkd.fused_linear_distill_loss(
+            distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]),
+            distribute_tensor(torch.randn(8, 3), mesh, [Replicate()]), y,
+            teacher_hidden=distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]),
+            teacher_weight=distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])),
         "target_out_of_range": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]),
                                                            distribute_tensor(t, mesh, [Shard(1)]), y + 8),
     }
@@ -75,6 +86,9 @@ def _worker(rank: int, out: str, port: int, world: int) -> None:
 
         mesh = init_device_mesh("cpu", (world,))
         results = {case: _errors_of(cases.run_case, mesh, case[1], case[0], case[2]) for case in ALL_CASES}
+        for case in FUSED_CASES:
+            results[("fused",) + case] = _errors_of(cases.run_fused_case, mesh, case[1], case[0], case[2])
+        results["compiled"] = _errors_of(cases.run_compiled_step, mesh)
         results["layout"] = _layout_errors(mesh)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -118,7 +132,25 @@ def test_every_rank_gets_the_same_loss(ranks):
     ("teacher_plain", "teacher_logits is a Tensor"),
     ("target_sharded", "target is a DTensor placed (Shard(dim=0),)"),
     ("target_out_of_range", "IndexError: target value"),
+    ("fused_plain_hidden", "student_weight is a DTensor (an FSDP2 shard"),
+    ("fused_weight_replicated", "student_weight is a DTensor placed (Replicate(),)"),
 ])
 def test_other_layouts_are_refused_clearly(ranks, case, expected):
     for results in ranks:
         assert expected in results["layout"][case], results["layout"][case]
+
+
+@pytest.mark.parametrize(("divergence", "dtype", "variant"), FUSED_CASES, ids=["-".join(c) for c in FUSED_CASES])
+def test_fused_linear_with_column_parallel_heads(ranks, divergence, dtype, variant):
+    for rank, results in enumerate(ranks):
+        errors = results[("fused", divergence, dtype, variant)]
+        assert isinstance(errors, dict), f"rank {rank}: {errors}"
+        for name, err in errors.items():
+            assert err <= TOLERANCE[dtype], f"rank {rank}: {name} relative error {err:.3g}"
+
+
+def test_a_compiled_step_equals_eager(ranks):
+    for rank, results in enumerate(ranks):
+        errors = results["compiled"]
+        assert isinstance(errors, dict), f"rank {rank}: {errors}"
+        assert errors["loss"] <= 1e-6 and errors["grad_student"] <= 1e-6, errors

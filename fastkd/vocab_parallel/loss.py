@@ -6,7 +6,7 @@ import torch
 
 from fastkd.terms import DistillTerms
 from fastkd.vocab_parallel.layout import replicated, same_layout, vocab_shard
-from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms
+from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms, masked_terms
 
 
 def vocab_parallel_distill_loss(
@@ -34,12 +34,7 @@ def vocab_parallel_distill_loss(
         _check_target_range(y, student.vocab, ignore_index)
     spec = RowSpec(student.mesh, float(temperature), divergence, float(beta), float(label_smoothing), int(ignore_index),
                    student.start, student.vocab)
-    soft, hard = VocabParallelRowTerms.apply(s, t, y, spec)
-    hard_rows = y != ignore_index if y is not None else None
-    soft_rows = mask if mask is not None else hard_rows
-    if soft_rows is not None:
-        soft = torch.where(soft_rows, soft, torch.zeros_like(soft))
-    hard = torch.where(hard_rows, hard, torch.zeros_like(hard)) if hard_rows is not None else hard
+    soft, hard = masked_terms(*VocabParallelRowTerms.apply(s, t, y, spec), y, mask, ignore_index)
     weights, soft_norm, hard_norm = _row_weights(
         s, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
         ignore_index=ignore_index, reduction=reduction, batch=lead[0] if len(lead) > 0 else 1,

@@ -9,6 +9,7 @@ its hard term the cross-entropy from the merged statistics. Backward: pass 3, wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -59,9 +60,44 @@ def merge_statistics(gathered: torch.Tensor, temperature: float) -> tuple[torch.
     return frame, cross_entropy
 
 
-def _all_gather_rows(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+def all_gather_rows(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """(rows, k) on every rank -> (ranks, rows, k), in rank order on every rank."""
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
     return gather(x.contiguous(), gather_dim=0, group=mesh).view(mesh.size(), *x.shape)
+
+
+class RowTerms(NamedTuple):
+    soft: torch.Tensor   # (rows,) float64: the divergence of the full rows
+    hard: torch.Tensor   # (rows,) float64: the cross-entropy of the full rows (0 without a target)
+    frame: torch.Tensor  # (rows, 6): what pass 3 needs of passes 1 and 2
+    sums: torch.Tensor   # (rows, 3): the global sums of f, qg, ph
+
+
+def row_terms(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, spec: RowSpec) -> RowTerms:
+    """Passes 1 and 2 over this rank's columns, with their two collectives."""
+    stats = passes.statistics(student, teacher, target, spec.temperature, spec.ignore_index, spec.vocab_start)
+    frame, ce = merge_statistics(all_gather_rows(stats, spec.mesh), spec.temperature)
+    local_sums = passes.divergence_sums(student, teacher, frame, spec.temperature, spec.divergence, spec.beta)
+    sums = funcol.all_reduce(local_sums, "sum", group=spec.mesh)
+    if target is None:
+        hard = torch.zeros_like(sums[:, 0])
+    else:
+        eps = spec.label_smoothing
+        lse, sum_s, s_y = ce.unbind(1)
+        hard = (1 - eps) * (lse - s_y) + eps * (lse - sum_s / spec.vocab)
+    return RowTerms(sums[:, 0], hard, frame, sums)
+
+
+def masked_terms(soft: torch.Tensor, hard: torch.Tensor, target: torch.Tensor | None, soft_mask: torch.Tensor | None,
+                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0 (with a zero gradient) for the rows outside S (soft) and H (hard), as distill_loss defines them."""
+    hard_rows = target != ignore_index if target is not None else None
+    soft_rows = soft_mask if soft_mask is not None else hard_rows
+    if soft_rows is not None:
+        soft = torch.where(soft_rows, soft, torch.zeros_like(soft))
+    if hard_rows is not None:
+        hard = torch.where(hard_rows, hard, torch.zeros_like(hard))
+    return soft, hard
 
 
 class VocabParallelRowTerms(torch.autograd.Function):
@@ -71,21 +107,11 @@ class VocabParallelRowTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None,
                 spec: RowSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        stats = passes.statistics(student, teacher, target, spec.temperature, spec.ignore_index, spec.vocab_start)
-        frame, ce = merge_statistics(_all_gather_rows(stats, spec.mesh), spec.temperature)
-        local_sums = passes.divergence_sums(student, teacher, frame, spec.temperature, spec.divergence, spec.beta)
-        sums = funcol.all_reduce(local_sums, "sum", group=spec.mesh)
-        soft = sums[:, 0]
-        if target is None:
-            hard = torch.zeros_like(soft)
-        else:
-            eps = spec.label_smoothing
-            lse, sum_s, s_y = ce.unbind(1)
-            hard = (1 - eps) * (lse - s_y) + eps * (lse - sum_s / spec.vocab)
+        terms = row_terms(student, teacher, target, spec)
         ctx.spec = spec
         ctx.has_target = target is not None
-        ctx.save_for_backward(student, teacher, frame, sums, *(() if target is None else (target,)))
-        return soft, hard
+        ctx.save_for_backward(student, teacher, terms.frame, terms.sums, *(() if target is None else (target,)))
+        return terms.soft, terms.hard
 
     @staticmethod
     @once_differentiable  # the gradient is a closed form: a gradient of it is refused, clearly
