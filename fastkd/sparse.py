@@ -105,17 +105,36 @@ def sparse_soft_rows(
 
     ``student_logits``: ``(N, V)``; ``teacher``: validated, leading dimensions flattened by the caller.
     """
+    k = teacher.k
+    idx = teacher.indices.reshape(-1, k).long()
+    valid = teacher.values.reshape(-1, k) != float("-inf")
+    safe_idx = torch.where(valid, idx, torch.zeros_like(idx))  # a padding slot's index is not read
+    log_q = torch.log_softmax(student_logits.to(compute_dtype) / temperature, dim=-1)
+    lq_tail = None
+    if teacher.tail == "bucket":
+        # q_tail as a sum over the off-support entries (never 1 - sum): log q with the support masked.
+        # scatter_add, not scatter: padding slots point at index 0, which a valid slot may also hold.
+        on_support = torch.zeros_like(log_q, dtype=torch.int32).scatter_add_(-1, safe_idx, valid.int()) > 0
+        lq_tail = torch.logsumexp(log_q.masked_fill(on_support, float("-inf")), dim=-1, keepdim=True)
+    return sparse_soft_rows_from(log_q.gather(-1, safe_idx), lq_tail, teacher, temperature, divergence, beta,
+                                 compute_dtype)
+
+
+def sparse_soft_rows_from(
+    lq_support: torch.Tensor, lq_tail: torch.Tensor | None, teacher: SparseTeacher, temperature: float,
+    divergence: str, beta: float, compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The soft term of each row from the student's log-probabilities at T: ``lq_support`` ``(N, K)`` at
+    the teacher's indices (any value at padding slots) and, for ``tail="bucket"``, ``lq_tail`` ``(N, 1)``,
+    the log of the student's mass off the support. Differentiable w.r.t. both."""
     from fastkd.reference import divergence_rows  # the reference imports this module
 
     k = teacher.k
-    idx = teacher.indices.reshape(-1, k).long()
     val = teacher.values.reshape(-1, k).to(compute_dtype)
     valid = val != float("-inf")
-    safe_idx = torch.where(valid, idx, torch.zeros_like(idx))  # a padding slot's index is not read
     neg_inf = torch.full((), float("-inf"), dtype=compute_dtype, device=val.device)  # a fill: no host copy
-    log_q = torch.log_softmax(student_logits.to(compute_dtype) / temperature, dim=-1)
     # The student's log-probabilities at the support; -inf at padding slots (q = 0 there, like p).
-    lq = torch.where(valid, log_q.gather(-1, safe_idx), neg_inf)
+    lq = torch.where(valid, lq_support, neg_inf)
     if teacher.tail == "bucket":
         # Tail log-prob log(1 - sum_k exp(v_k)) through expm1 (a small tail keeps its digits); -inf when
         # the listed mass reaches 1. An all-padding row has the whole mass in the tail.
@@ -123,10 +142,6 @@ def sparse_soft_rows(
         tail = torch.where(lse_v < 0, torch.log(-torch.expm1(lse_v.clamp(max=0))), neg_inf)
         tail = torch.where(lse_v.isnan(), lse_v, tail)
         a = torch.cat([val, tail], dim=-1) / temperature
-        # q_tail as a sum over the off-support entries (never 1 - sum): log q with the support masked.
-        # scatter_add, not scatter: padding slots point at index 0, which a valid slot may also hold.
-        on_support = torch.zeros_like(log_q, dtype=torch.int32).scatter_add_(-1, safe_idx, valid.int()) > 0
-        lq_tail = torch.logsumexp(log_q.masked_fill(on_support, float("-inf")), dim=-1, keepdim=True)
         log_p = torch.log_softmax(a, dim=-1)
         return divergence_rows(log_p, torch.cat([lq, lq_tail], dim=-1), divergence, beta)
     log_p = torch.log_softmax(val / temperature, dim=-1)  # padding slots: p = 0

@@ -167,3 +167,34 @@ def run_compiled_step(mesh) -> dict[str, float]:
         out[name] = (loss.detach(), ds.grad.full_tensor())
     return {"loss": (out["eager"][0] - out["compiled"][0]).abs().item(),
             "grad_student": (out["eager"][1] - out["compiled"][1]).abs().max().item()}
+
+
+def run_sparse_case(mesh, dtype_name: str, divergence: str, tail: str, seed: int = 0) -> dict[str, float]:
+    """A top-k teacher with global indices against vocabulary-sharded student logits, against the
+    float64 reference on the full student logits: loss and the student's gradient."""
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(seed)
+    vocab, k = 13, 5
+    s = (torch.randn(2, 5, vocab, generator=g, dtype=torch.float64) * 2).to(dtype)
+    t = torch.randn(2, 5, vocab, generator=g, dtype=torch.float64) * 2
+    if tail == "bucket":
+        values, indices = torch.log_softmax(t, -1).topk(k)
+        kind = "logprobs"
+    else:
+        values, indices = t.topk(k)
+        kind = "logits"
+    values[0, 2, 3:] = float("-inf")  # a row with two padding slots
+    teacher = fastkd.SparseTeacher(indices, values.to(dtype), kind=kind, tail=tail)
+    y = torch.randint(0, vocab, (2, 5), generator=g)
+    y[1, 1] = -100
+    kwargs: dict[str, Any] = dict(temperature=1.5, alpha=0.8, label_smoothing=0.1, divergence=divergence)
+    s_ref = s.double().requires_grad_()
+    ref_teacher = fastkd.SparseTeacher(indices, values.double(), kind=kind, tail=tail)
+    ref = fastkd.reference.distill_loss(s_ref, ref_teacher, y, **kwargs)
+    ref.backward()
+    ds = distribute_tensor(s, mesh, [Shard(-1)]).requires_grad_()
+    loss = fastkd.distill_loss(ds, teacher, y, **kwargs)
+    loss.backward()
+    grad = ds.grad.full_tensor().double()
+    return {"loss": abs(loss.item() - ref.item()) / abs(ref.item()),
+            "grad_student": ((grad - s_ref.grad).abs().max() / s_ref.grad.abs().max()).item()}

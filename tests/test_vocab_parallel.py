@@ -30,6 +30,8 @@ ALL_CASES = DIVERGENCE_CASES + VARIANT_CASES + [
 FUSED_CASES = [(d, dt, "mean") for d in cases.DIVERGENCES for dt in cases.DTYPES] + [
     ("jsd", dt, v) for dt in cases.DTYPES for v in cases.FUSED_VARIANTS if v != "mean"]
 
+SPARSE_CASES = [(d, dt, tail) for d in cases.DIVERGENCES for dt in cases.DTYPES for tail in ("renormalize", "bucket")]
+
 
 def _errors_of(fn, *args) -> dict[str, float] | str:
     try:
@@ -88,6 +90,8 @@ def _worker(rank: int, out: str, port: int, world: int) -> None:
         results = {case: _errors_of(cases.run_case, mesh, case[1], case[0], case[2]) for case in ALL_CASES}
         for case in FUSED_CASES:
             results[("fused",) + case] = _errors_of(cases.run_fused_case, mesh, case[1], case[0], case[2])
+        for case in SPARSE_CASES:
+            results[("sparse",) + case] = _errors_of(cases.run_sparse_case, mesh, case[1], case[0], case[2])
         results["compiled"] = _errors_of(cases.run_compiled_step, mesh)
         results["layout"] = _layout_errors(mesh)
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -154,3 +158,12 @@ def test_a_compiled_step_equals_eager(ranks):
         errors = results["compiled"]
         assert isinstance(errors, dict), f"rank {rank}: {errors}"
         assert errors["loss"] <= 1e-6 and errors["grad_student"] <= 1e-6, errors
+
+
+@pytest.mark.parametrize(("divergence", "dtype", "tail"), SPARSE_CASES, ids=["-".join(c) for c in SPARSE_CASES])
+def test_top_k_teacher_with_global_indices(ranks, divergence, dtype, tail):
+    for rank, results in enumerate(ranks):
+        errors = results[("sparse", divergence, dtype, tail)]
+        assert isinstance(errors, dict), f"rank {rank}: {errors}"
+        for name, err in errors.items():
+            assert err <= TOLERANCE[dtype], f"rank {rank}: {name} relative error {err:.3g}"

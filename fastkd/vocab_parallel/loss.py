@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from fastkd.sparse import SparseTeacher
 from fastkd.terms import DistillTerms
 from fastkd.vocab_parallel.layout import replicated, same_layout, vocab_shard
 from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms, masked_terms
+from fastkd.vocab_parallel.sparse import sparse_row_terms
 
 
 def vocab_parallel_distill_loss(
@@ -20,27 +22,33 @@ def vocab_parallel_distill_loss(
     from fastkd.functional import _reduced_terms, _row_weights  # the dense path's weights and reduction
 
     student = vocab_shard(student_logits, "student_logits")
-    teacher = same_layout(student, teacher_logits)
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    teacher = None if sparse else same_layout(student, teacher_logits)
     target = replicated(target, "target")
     soft_mask = replicated(soft_mask, "soft_mask")
     local_vocab = student.local.shape[-1]
     lead = student.local.shape[:-1]
     rows = lead.numel()  # not reshape(-1, ...): a rank may hold no column of a narrow vocabulary
     s = student.local.reshape(rows, local_vocab)
-    t = teacher.local.reshape(rows, local_vocab)
+    t = None if sparse else teacher.local.reshape(rows, local_vocab)
     y = None if target is None else target.reshape(-1)
     mask = None if soft_mask is None else soft_mask.reshape(-1)
     if y is not None and y.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_target_range(y, student.vocab, ignore_index)
     spec = RowSpec(student.mesh, float(temperature), divergence, float(beta), float(label_smoothing), int(ignore_index),
                    student.start, student.vocab)
-    soft, hard = masked_terms(*VocabParallelRowTerms.apply(s, t, y, spec), y, mask, ignore_index)
+    if sparse:
+        terms = sparse_row_terms(s, replicated_teacher(teacher_logits), y, spec)
+    else:
+        terms = VocabParallelRowTerms.apply(s, t, y, spec)
+    soft, hard = masked_terms(*terms, y, mask, ignore_index)
     weights, soft_norm, hard_norm = _row_weights(
         s, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
         ignore_index=ignore_index, reduction=reduction, batch=lead[0] if len(lead) > 0 else 1,
         num_items_in_batch=num_items_in_batch,
     )
-    loss_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+    t_dtype = teacher_logits.values.dtype if sparse else t.dtype
+    loss_dtype = torch.float64 if torch.float64 in (s.dtype, t_dtype) else torch.float32
     loss_rows = (weights[0] * soft + weights[1] * hard).to(loss_dtype)
     return _reduced_terms(loss_rows, soft.to(loss_dtype).detach(), hard.to(loss_dtype).detach(), lead, reduction,
                           soft_norm, hard_norm, return_terms)
@@ -54,3 +62,9 @@ def _check_target_range(y: torch.Tensor, vocab: int, ignore_index: int) -> None:
             f"target value {int(y[row])} at row {row} is out of range: expected a class index in [0, {vocab}) or "
             f"ignore_index ({ignore_index})"
         )
+
+
+def replicated_teacher(teacher: SparseTeacher) -> SparseTeacher:
+    """A top-k teacher whose indices and values are whole on every rank (plain or replicated DTensors)."""
+    return SparseTeacher(replicated(teacher.indices, "teacher_logits.indices"),
+                         replicated(teacher.values, "teacher_logits.values"), kind=teacher.kind, tail=teacher.tail)
