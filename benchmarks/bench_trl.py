@@ -393,7 +393,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--h-student", type=int, default=512)
     p.add_argument("--h-teacher", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds of the loss part")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds of the loss part, after its checked warm-up step")
     p.add_argument("--model-vocab", type=int, default=32000)
     p.add_argument("--student-hidden", type=int, default=256)
     p.add_argument("--teacher-hidden", type=int, default=512)
