@@ -29,6 +29,9 @@
 #   tests-slow          pytest -m "cuda and slow": torch.compile, opcheck, device-side asserts
 #   bench-fused-linear  benchmarks/bench_fused_linear.py at 8192 x 4096 -> 128256 bf16
 #   bench-sparse        benchmarks/bench_sparse_teacher.py, a K=64 top-k teacher at the headline shape
+#   bench-trl           benchmarks/bench_trl.py --mode loss: fastkd's fused linear loss against TRL's
+#                       ChunkedDivergenceFunction (forward KL, JSD) at 8192 x 4096 -> 128256 bf16
+#                       (skipped when trl does not import)
 #   bench-extra         bf16 / fp32 at V=128256, 32000 and N=32768 against eager
 #   bench-divergences   every divergence at the headline shape (the generic rows kernel) vs eager
 #   fsdp2               scripts/fsdp2_gpu_smoke.py: DistillationTrainer(fused_linear=True) under
@@ -38,7 +41,7 @@
 # Everything lands in $OUT (default ./gpu-check-out): gpu_check.log (this output), one log per stage
 # (<stage>.log), the pytest tiers' JUnit XML (<stage>.xml) and the benchmark results named after the
 # GPU (h100.json / .md / .png, h100-fused-linear.*, h100-sparse-teacher.*, h100-extra.md,
-# h100-divergences.*; "h200-..." on an H200), and the fsdp2 stage's accelerate config
+# h100-divergences.*, h100-trl.*; "h200-..." on an H200), and the fsdp2 stage's accelerate config
 # (fsdp2-accelerate.yaml) and reference run (fsdp2-reference.pt).
 #
 # Liger-Kernel for the comparison (optional): put its wheel (pure Python; it needs triton, which
@@ -76,6 +79,7 @@ STAGES=(
   "tests-slow 70 0 pytest -m 'cuda and slow' -k 'not capture': compile, opcheck, device asserts"
   "bench-fused-linear 70 0 bench_fused_linear.py 8192 x 4096 -> 128256 bf16"
   "bench-sparse 35 0 bench_sparse_teacher.py K=64 at 8192x128256 bf16"
+  "bench-trl 45 0 bench_trl.py --mode loss: fastkd vs TRL's chunked loss, 8192 x 4096 -> 128256 bf16"
   "bench-extra 45 0 bench_loss.py bf16 / fp32 at 8192x128256, 4096x32000, 32768x128256 vs eager"
   "bench-divergences 45 0 bench_loss.py every divergence at 8192x128256 bf16 vs eager"
   "fsdp2 40 0 scripts/fsdp2_gpu_smoke.py: DistillationTrainer under accelerate's FSDP2, vs no FSDP"
@@ -225,7 +229,7 @@ import importlib.metadata as md
 import sys
 print("python", sys.version.split()[0])
 for dist in ("torch", "triton", "numpy", "pytest", "hypothesis", "scikit-build-core", "pybind11", "ninja", "cmake",
-             "liger-kernel", "transformers"):
+             "liger-kernel", "transformers", "trl"):
     try:
         print(f"  {dist} {md.version(dist)}")
     except md.PackageNotFoundError:
@@ -354,6 +358,13 @@ gpu_stages() {
     --no-liger-eager --no-liger-sweep --load-limit 1e9 --out "$OUT" --machine "$LABEL-fused-linear"
   stage bench-sparse "$PY" benchmarks/bench_sparse_teacher.py --device cuda --dtype bf16 --n 8192 --vocab 128256 \
     --k 64 --rounds 5 --load-limit 1e9 --out "$OUT" --machine "$LABEL-sparse-teacher"
+  # the loss of TRL's DistillationTrainer (its Triton kernels) against fastkd's, forward KL and JSD
+  if timeout 60 "$PY" -c "import trl" >/dev/null 2>&1; then
+    stage bench-trl "$PY" benchmarks/bench_trl.py --mode loss --device cuda --dtype bf16 --n 8192 \
+      --h-student 4096 --h-teacher 4096 --vocab 128256 --rounds 5 --load-limit 1e9 --out "$OUT" --machine "$LABEL-trl"
+  else
+    skip bench-trl "trl does not import"
+  fi
   stage bench-extra "${bench[@]}" --machine "$LABEL-extra" \
     --shapes 8192x128256,4096x32000,32768x128256 --dtypes bf16,fp32 --no-compile --no-liger --repeats 5
   rm -f "$OUT/$LABEL-extra.json" "$OUT/$LABEL-extra.png"  # its table is enough

@@ -44,7 +44,8 @@ def test_the_plan_fits_one_sitting_in_the_order_a_first_run_needs():
     budget, stages = _plan()
     names = [name for name, _, _ in stages]
     assert names[:len(FIRST_STAGES)] == FIRST_STAGES
-    assert {"tests-slow", "bench-fused-linear", "bench-sparse", "bench-extra", "bench-divergences"} <= set(names)
+    assert {"tests-slow", "bench-fused-linear", "bench-sparse", "bench-trl", "bench-extra",
+            "bench-divergences"} <= set(names)
     # accelerate's FSDP2 run comes after every benchmark, with a short limit, out of the guaranteed stages
     assert names[-1] == "fsdp2" and all(not n.startswith("bench") for n in names[names.index("fsdp2"):])
     assert dict((n, limit) for n, limit, _ in stages)["fsdp2"] <= 45
