@@ -144,7 +144,8 @@ void gradient_rows(const VpArgs& a) {
     const double* k = a.coeffs + row * kVpCoeffs;
     const int64_t g_base = row * a.vocab;
     const bool soft = k[kCoefSoft] != 0.0;
-    const bool hard = a.target != nullptr && k[kCoefHard] != 0.0;
+    // A row whose target is ignore_index has no hard term, whatever its coefficient.
+    const bool hard = a.target != nullptr && a.target[row] != a.ignore_index && k[kCoefHard] != 0.0;
     if (!soft && !hard) {
       if (a.grad_student) zero_row(a.grad_student, a.student_dtype, row, a.vocab);
       if (kTeacher) zero_row(a.grad_teacher, a.teacher_dtype, row, a.vocab);

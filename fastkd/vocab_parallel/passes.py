@@ -148,7 +148,7 @@ def _gradients_torch(student, teacher, target, frame, coeffs, temperature, ignor
         if target is not None:
             s = student.to(acc)
             r = torch.exp(s - _shift(frame[:, 1]).to(acc)[:, None]) * frame[:, 4:5].to(acc)
-            has = hard != 0
+            has = (hard != 0) & (target != ignore_index)[:, None]  # no hard term where the target is ignored
             gs = gs + torch.where(has, hard * (r - label_smoothing / vocab), torch.zeros_like(r))
             y = _local_target(target, ignore_index, vocab_start, s.shape[1])
             at_y = torch.nn.functional.one_hot(y.clamp(min=0), s.shape[1]).to(acc) * (y >= 0)[:, None]
