@@ -21,13 +21,13 @@ _ops = torch.ops.fastkd
 
 
 def _kernel(x: torch.Tensor) -> bool:
-    # The vocabulary-parallel kernel is built for the CPU; other devices run the PyTorch passes.
-    return x.device.type == "cpu" and _cuda_fallback.fused_kernels_run_on(x.device)
+    """fastkd's kernel runs the passes on this device (the CPU; a GPU when this build has CUDA code for it)."""
+    return x.device.type in ("cpu", "cuda") and _cuda_fallback.fused_kernels_run_on(x.device)
 
 
 def statistics(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor | None, temperature: float,
                ignore_index: int, vocab_start: int) -> torch.Tensor:
-    if _kernel(student):
+    if _kernel(student) and (teacher is not None or student.device.type == "cpu"):
         return _ops.vocab_parallel_stats(student, teacher, target, temperature, ignore_index, vocab_start)
     return _statistics_torch(student, teacher, target, temperature, ignore_index, vocab_start)
 
