@@ -131,7 +131,9 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
 
     def record(key: str, model: torch.nn.Module, stats: T.RunStats, description: str, **extra: Any) -> None:
         evaluation = T.perplexity(model, heldout, cfg.batch_size)
+        t0 = time.perf_counter()
         samples = sample_nll(model, teacher, prompts, cfg.completion_len, cfg.seed + 4)
+        timings["sample_metric_s"] = timings.get("sample_metric_s", 0.0) + time.perf_counter() - t0
         models[key] = {
             "description": description, "params": count_params(model),
             "perplexity": evaluation["perplexity"], "heldout_cross_entropy": evaluation["cross_entropy"],
