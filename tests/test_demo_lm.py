@@ -102,6 +102,8 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     # Trained on its own samples, the on-policy student writes what the teacher finds likelier.
     assert on_disk[ONPOLICY]["sample_teacher_nll"] < on_disk["student_scratch"]["sample_teacher_nll"]
     assert on_disk[ONPOLICY]["steps"] == LMDemoConfig.tiny().student_steps
+    # Only the rare end-of-text token ends a completion early (not a byte token such as a fresh LlamaConfig's eos 2).
+    assert on_disk[ONPOLICY]["mean_completion_tokens"] > 0.9 * LMDemoConfig.tiny().completion_len
     assert on_disk["meta"]["skipped"] == {}
     assert (tmp_path / "report.md").read_text().count("| `") == 7
     assert (tmp_path / "perplexity.png").stat().st_size > 0

@@ -50,11 +50,12 @@ def prompt_texts(tok: Any, batches: torch.Tensor, prompt_len: int) -> list[str]:
     return tok.decode_batch(windows.tolist(), skip_special_tokens=False)
 
 
-def _callback(on_step: Callable[[int, float], None] | None, stats: RunStats):
+def _callback(on_step: Callable[[int, float], None] | None, stats: RunStats, lengths: list[float]):
     from transformers import TrainerCallback
 
     class _Steps(TrainerCallback):
-        """Per-step wall time (generation included) and the logged loss, for the progress line."""
+        """Per-step wall time (generation included), the logged loss for the progress line, and the mean
+        completion length of each step."""
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.t0 = time.perf_counter()
@@ -63,6 +64,8 @@ def _callback(on_step: Callable[[int, float], None] | None, stats: RunStats):
             stats.step_times.append(time.perf_counter() - self.t0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
             if logs and "loss" in logs:
                 stats.final_train_loss = float(logs["loss"])
                 if on_step is not None:
@@ -72,8 +75,9 @@ def _callback(on_step: Callable[[int, float], None] | None, stats: RunStats):
 
 
 def _use_run_eos(model: torch.nn.Module, eos: int) -> None:
-    """A fresh LlamaConfig's special ids (bos 1, eos 2) are byte tokens here: the run's end-of-text token
-    ends and pads a completion, and there is no beginning-of-sequence token."""
+    """The run's end-of-text token ends and pads a completion; there is no beginning-of-sequence token. (A
+    fresh LlamaConfig's ids, bos 1 and eos 2, are byte tokens here; transformers' Trainer would align them
+    to the tokenizer's itself, with a notice on every run.)"""
     for config in (model.config, model.generation_config):
         config.eos_token_id, config.pad_token_id, config.bos_token_id = eos, eos, None
 
@@ -100,21 +104,23 @@ def _config(config_class: type, out: str, cfg: Any, steps: int) -> Any:
 
 
 def train_onpolicy(student: torch.nn.Module, teacher: torch.nn.Module, tok: Any, batches: torch.Tensor, cfg: Any,
-                   on_step: Callable[[int, float], None] | None = None) -> RunStats:
-    """Train ``student`` on-policy for ``len(batches)`` steps from the prompts of ``batches``."""
+                   on_step: Callable[[int, float], None] | None = None) -> tuple[RunStats, float]:
+    """Train ``student`` on-policy for ``len(batches)`` steps from the prompts of ``batches``. Returns the run's
+    statistics and the mean number of tokens of its completions (below ``cfg.completion_len`` when samples
+    end with the end-of-text token)."""
     import datasets
 
     config_class, trainer_class = load_trainer()
     prompts = datasets.Dataset.from_dict({"prompt": prompt_texts(tok, batches, cfg.prompt_len)})
     hf_tok = hf_tokenizer(tok)
     _use_run_eos(student, hf_tok.eos_token_id)
-    stats = RunStats()
+    stats, lengths = RunStats(), []
     # transformers' renaming notices (gradient vs activation checkpointing) concern settings left alone here
     with tempfile.TemporaryDirectory() as out, PeakRss() as mem, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         trainer = trainer_class(model=student, teacher_model=teacher,
                                 args=_config(config_class, out, cfg, len(batches)), train_dataset=prompts,
-                                processing_class=hf_tok, callbacks=[_callback(on_step, stats)])
+                                processing_class=hf_tok, callbacks=[_callback(on_step, stats, lengths)])
         _quiet(trainer)
         start = time.perf_counter()
         trainer.train()
@@ -122,4 +128,4 @@ def train_onpolicy(student: torch.nn.Module, teacher: torch.nn.Module, tok: Any,
         del trainer
     stats.peak_rss_bytes = mem.peak_bytes
     student.eval()
-    return stats
+    return stats, sum(lengths) / max(len(lengths), 1)

@@ -53,7 +53,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{meta['device']}, {meta['threads']} torch threads, torch {meta['torch']}, fastkd {meta['fastkd']}; "
         f"total {meta['total_s']:.1f} s.",
         "",
-        "![held-out perplexity](perplexity.png)",
+        "![held-out perplexity and the teacher NLL of samples](perplexity.png)",
         "",
     ]
     return "\n".join(lines)

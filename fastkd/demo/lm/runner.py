@@ -176,11 +176,12 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
 
     if onpolicy.NAME in names:
         student = new_student()
-        stats = onpolicy.train_onpolicy(student, teacher, tok, student_batches, cfg,
-                                        say.stepper(onpolicy.NAME, cfg.student_steps))
+        stats, completion_tokens = onpolicy.train_onpolicy(student, teacher, tok, student_batches, cfg,
+                                                           say.stepper(onpolicy.NAME, cfg.student_steps))
         record(onpolicy.NAME, student, stats, onpolicy.describe(cfg.onpolicy_divergence, cfg.onpolicy_beta),
                divergence=cfg.onpolicy_divergence, beta=cfg.onpolicy_beta, temperature=1.0,
-               prompt_len=cfg.prompt_len, completion_len=cfg.completion_len)
+               prompt_len=cfg.prompt_len, completion_len=cfg.completion_len,
+               mean_completion_tokens=completion_tokens)
         del student
 
     if cfg.timing_rounds and offline:
