@@ -74,9 +74,13 @@ def test_samples_are_fixed_by_the_seed_and_have_the_full_length():
     assert torch.equal(eval_prompts(windows, 3, 4), windows[[0, 4, 9], :4])  # spread over the held-out windows
 
 
-def test_config_refuses_prompts_longer_than_the_positions():
+def test_config_refuses_bad_onpolicy_settings():
     with pytest.raises(ValueError, match="prompt_len \\+ completion_len"):
         LMDemoConfig.tiny().with_overrides(prompt_len=24, completion_len=16)
+    with pytest.raises(ValueError, match="onpolicy_divergence"):
+        LMDemoConfig.tiny().with_overrides(onpolicy_divergence="kl")
+    with pytest.raises(ValueError, match="onpolicy_beta"):
+        LMDemoConfig.tiny().with_overrides(onpolicy_beta=1.5)
 
 
 def test_tiny_run_writes_a_complete_report(tmp_path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from fastkd._validation import DIVERGENCE_NAMES
+
 
 @dataclass(frozen=True)
 class LMDemoConfig:
@@ -64,6 +66,11 @@ class LMDemoConfig:
         if self.completion_len < 1 or self.sample_prompts < 1:
             raise ValueError(f"completion_len and sample_prompts must be >= 1, got {self.completion_len} and "
                              f"{self.sample_prompts}")
+        # Checked here, not when the on-policy trainer is built after the teacher's minutes of training.
+        if self.onpolicy_divergence not in DIVERGENCE_NAMES:
+            raise ValueError(f"onpolicy_divergence must be one of {DIVERGENCE_NAMES}, got {self.onpolicy_divergence!r}")
+        if not 0.0 <= self.onpolicy_beta <= 1.0:
+            raise ValueError(f"onpolicy_beta must be in [0, 1], got {self.onpolicy_beta}")
 
     def with_overrides(self, **overrides: object) -> LMDemoConfig:
         """A copy with the given fields changed; ``None`` values are ignored (unset command-line options)."""

@@ -108,7 +108,7 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
         raise ValueError(f"unknown student(s) {unknown}; choose from {list(known)}")
     skipped = _skip_onpolicy(names)
     names = tuple(n for n in names if n not in skipped)
-    offline = tuple(n for n in names if n in T.STUDENTS)
+    off_policy = tuple(n for n in names if n in T.STUDENTS)
     say = _Progress(progress)
     timings: dict[str, float] = {}
 
@@ -164,7 +164,7 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     def new_student() -> torch.nn.Module:
         return build_llama(vocab, cfg.student_hidden, cfg.student_layers, cfg.heads, cfg.seq_len, cfg.seed + 3)
 
-    for name in offline:
+    for name in off_policy:
         loss_fn, extra = _student_loss(name, teacher, cfg, cache)
         if name == "student_topk" and cache is not None:
             extra.update(cache_s=timings["topk_cache_s"],
@@ -184,9 +184,9 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
                mean_completion_tokens=completion_tokens)
         del student
 
-    if cfg.timing_rounds and offline:
+    if cfg.timing_rounds and off_policy:
         say.phase(f"timing the students' steps round-robin ({cfg.timing_rounds} rounds)")
-        runs = {name: (new_student(), _student_loss(name, teacher, cfg, cache)[0]) for name in offline}
+        runs = {name: (new_student(), _student_loss(name, teacher, cfg, cache)[0]) for name in off_policy}
         for name, ms in T.interleaved_step_ms(runs, student_batches, cfg.timing_rounds, cfg.student_lr).items():
             models[name]["train_step_ms"] = models[name]["step_ms"]
             models[name]["step_ms"] = ms
