@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "small student trained on a few labelled examples with and without the teacher's soft "
                     "targets. Also runs under `torchrun --standalone --nproc_per_node=2 -m fastkd demo`. "
                     "`fastkd demo lm`: a Llama-style teacher trained on the Python standard library's own "
-                    "source, distilled into a smaller student five ways (fastkd demo lm --help).",
+                    "source, distilled into a smaller student six ways, one of them on-policy (fastkd demo lm --help).",
     )
     _digits_options(demo, suppress=False)
     kinds = demo.add_subparsers(dest="demo", metavar="{digits,lm}")
@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A byte-level BPE tokenizer trained at run time and a Llama-style teacher trained on the "
                     "Python standard library's source files (no download), then the same smaller student "
                     "trained with cross-entropy only, dense forward KL, JSD, an offline top-k teacher and the "
-                    "fused linear loss; held-out perplexity, step time and peak memory of each in "
-                    "OUT/report.json, report.md and perplexity.png. Needs the [hf] extra and matplotlib.",
+                    "fused linear loss off-policy, and on its own samples through TRL's DistillationTrainer "
+                    "(skipped without the [trl] extra); held-out perplexity, the teacher's NLL of each model's "
+                    "samples, step time and peak memory of each in OUT/report.json, report.md and "
+                    "perplexity.png. Needs the [hf] extra and matplotlib.",
     )
     lm.add_argument("--out", help="output directory (default: demo-output/lm)")
     lm.add_argument("--quick", action="store_true", help="smaller models and fewer steps (under two minutes)")

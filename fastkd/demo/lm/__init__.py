@@ -1,6 +1,7 @@
 """``fastkd demo lm``: a Llama-style teacher trained on the Python standard library's own source, distilled
 into a smaller student with cross-entropy only, dense forward KL, JSD, an offline top-k teacher and the
-fused linear loss. transformers, tokenizers and matplotlib load only when it runs."""
+fused linear loss, and on-policy on its own samples (TRL, optional). transformers, tokenizers, matplotlib
+and TRL load only when it runs."""
 from fastkd.demo.lm.config import LMDemoConfig
 
 

@@ -11,11 +11,13 @@ from typing import Any
 import torch
 
 import fastkd
+from fastkd.demo.lm import onpolicy
 from fastkd.demo.lm import train as T
 from fastkd.demo.lm.config import LMDemoConfig
 from fastkd.demo.lm.data import batch_starts, eval_windows, gather_windows, load_corpus
 from fastkd.demo.lm.memory import METHOD as MEMORY_METHOD
 from fastkd.demo.lm.models import build_llama, count_params
+from fastkd.demo.lm.sampling import SAMPLING, eval_prompts, sample_nll
 from fastkd.demo.lm.tokenizer import encode_stream, train_tokenizer
 
 
@@ -51,6 +53,19 @@ class _Progress:
         return on_step
 
 
+def _skip_onpolicy(names: tuple[str, ...]) -> dict[str, str]:
+    """``{name: why}`` for the on-policy student when TRL cannot be imported (one line on stderr, always)."""
+    if onpolicy.NAME not in names:
+        return {}
+    try:
+        onpolicy.load_trainer()
+    except ImportError as e:
+        why = f"needs TRL ({onpolicy.SKIP_HINT}): {e}"
+        print(f"fastkd demo lm: skipping {onpolicy.NAME}, {why}", file=sys.stderr, flush=True)
+        return {onpolicy.NAME: why}
+    return {}
+
+
 def _student_loss(name: str, teacher: torch.nn.Module, cfg: LMDemoConfig,
                   cache: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[T.LossFn, dict[str, Any]]:
     """The loss of student ``name`` and the settings to report with it."""
@@ -77,7 +92,8 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     ``out/perplexity.png``. Returns the report.
 
     ``threads``: torch CPU threads (None: torch's default). ``students``: a subset of
-    :data:`fastkd.demo.lm.train.STUDENTS` (default: all)."""
+    :data:`fastkd.demo.lm.train.STUDENTS` and ``"student_onpolicy"`` (default: all; the on-policy one is
+    skipped with a message when TRL is not installed)."""
     from fastkd.demo.lm.report import write_report
 
     _require_hf()
@@ -85,10 +101,14 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = config if config is not None else LMDemoConfig.preset(quick=quick)
-    names = tuple(T.STUDENTS) if students is None else students
-    unknown = [s for s in names if s not in T.STUDENTS]
+    known = (*T.STUDENTS, onpolicy.NAME)
+    names = known if students is None else students
+    unknown = [s for s in names if s not in known]
     if unknown:
-        raise ValueError(f"unknown student(s) {unknown}; choose from {list(T.STUDENTS)}")
+        raise ValueError(f"unknown student(s) {unknown}; choose from {list(known)}")
+    skipped = _skip_onpolicy(names)
+    names = tuple(n for n in names if n not in skipped)
+    off_policy = tuple(n for n in names if n in T.STUDENTS)
     say = _Progress(progress)
     timings: dict[str, float] = {}
 
@@ -101,6 +121,7 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     timings["data_and_tokenizer_s"] = time.perf_counter() - t0
     vocab = tok.get_vocab_size()
     heldout = eval_windows(heldout_stream, cfg.seq_len, cfg.eval_tokens)
+    prompts = eval_prompts(heldout, cfg.sample_prompts, cfg.prompt_len)
 
     def batches(steps: int, seed: int) -> torch.Tensor:
         starts = batch_starts(len(train_stream), cfg.seq_len, steps, cfg.batch_size, seed)
@@ -110,15 +131,20 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
 
     def record(key: str, model: torch.nn.Module, stats: T.RunStats, description: str, **extra: Any) -> None:
         evaluation = T.perplexity(model, heldout, cfg.batch_size)
+        t0 = time.perf_counter()
+        samples = sample_nll(model, teacher, prompts, cfg.completion_len, cfg.seed + 4)
+        timings["sample_metric_s"] = timings.get("sample_metric_s", 0.0) + time.perf_counter() - t0
         models[key] = {
             "description": description, "params": count_params(model),
             "perplexity": evaluation["perplexity"], "heldout_cross_entropy": evaluation["cross_entropy"],
             "final_train_loss": stats.final_train_loss, "steps": len(stats.step_times),
             "step_ms": stats.step_ms, "train_s": stats.train_s,
             "peak_rss_mib": None if stats.peak_rss_bytes is None else stats.peak_rss_bytes / 2**20,
+            "sample_teacher_nll": samples["teacher_nll"], "sample_own_nll": samples["own_nll"],
             **extra,
         }
-        say.phase(f"{key}: held-out perplexity {evaluation['perplexity']:.2f}")
+        say.phase(f"{key}: held-out perplexity {evaluation['perplexity']:.2f}, teacher NLL of its samples "
+                  f"{samples['teacher_nll']:.3f}")
 
     # The teacher: bigger, longer, cross-entropy only, on its own batches.
     teacher = build_llama(vocab, cfg.teacher_hidden, cfg.teacher_layers, cfg.heads, cfg.seq_len, cfg.seed)
@@ -138,7 +164,7 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
     def new_student() -> torch.nn.Module:
         return build_llama(vocab, cfg.student_hidden, cfg.student_layers, cfg.heads, cfg.seq_len, cfg.seed + 3)
 
-    for name in names:
+    for name in off_policy:
         loss_fn, extra = _student_loss(name, teacher, cfg, cache)
         if name == "student_topk" and cache is not None:
             extra.update(cache_s=timings["topk_cache_s"],
@@ -148,9 +174,19 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
         record(name, student, stats, T.STUDENTS[name], **extra)
         del student, loss_fn
 
-    if cfg.timing_rounds:
+    if onpolicy.NAME in names:
+        student = new_student()
+        stats, completion_tokens = onpolicy.train_onpolicy(student, teacher, tok, student_batches, cfg,
+                                                           say.stepper(onpolicy.NAME, cfg.student_steps))
+        record(onpolicy.NAME, student, stats, onpolicy.describe(cfg.onpolicy_divergence, cfg.onpolicy_beta),
+               divergence=cfg.onpolicy_divergence, beta=cfg.onpolicy_beta, temperature=1.0,
+               prompt_len=cfg.prompt_len, completion_len=cfg.completion_len,
+               mean_completion_tokens=completion_tokens)
+        del student
+
+    if cfg.timing_rounds and off_policy:
         say.phase(f"timing the students' steps round-robin ({cfg.timing_rounds} rounds)")
-        runs = {name: (new_student(), _student_loss(name, teacher, cfg, cache)[0]) for name in names}
+        runs = {name: (new_student(), _student_loss(name, teacher, cfg, cache)[0]) for name in off_policy}
         for name, ms in T.interleaved_step_ms(runs, student_batches, cfg.timing_rounds, cfg.student_lr).items():
             models[name]["train_step_ms"] = models[name]["step_ms"]
             models[name]["step_ms"] = ms
@@ -171,11 +207,18 @@ def run_lm_demo(out: str | os.PathLike = "demo-output", *, quick: bool = False,
         "tokenizer": {"kind": "byte-level BPE (Hugging Face tokenizers), trained on the train split",
                       "vocab_size": vocab},
         "memory_method": MEMORY_METHOD,
+        "sample_metric": {"prompts": int(prompts.shape[0]), "prompt_tokens": cfg.prompt_len,
+                          "new_tokens": cfg.completion_len, "sampling": SAMPLING,
+                          "source": "prompts: the starts of evenly spaced held-out windows; sample_teacher_nll: "
+                                    "the teacher's mean per-token NLL (nats) of the model's samples; "
+                                    "sample_own_nll: the model's own"},
+        "skipped": skipped,
         "step_time_method": "median wall time of a training step (forward, loss, backward, clipping, AdamW); "
                             "students: timed round-robin on fresh copies after training (step_ms; "
                             "train_step_ms is the median during the student's own run), so load from other "
                             "processes falls on all alike; dense and fused students include the frozen "
-                            "teacher's forward, the offline one does not",
+                            "teacher's forward, the offline one does not; the on-policy student's is the median "
+                            "of its own run (generation included), it is not in the round-robin",
         "threads": torch.get_num_threads(), "device": f"cpu ({os.cpu_count()} cores visible)",
         "torch": torch.__version__, "fastkd": fastkd.__version__,
         "timings": timings,
