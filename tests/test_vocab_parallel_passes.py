@@ -14,6 +14,11 @@ from fastkd.vocab_parallel.rows import merge_statistics
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 BETA = {"jsd": 0.3, "skew_forward_kl": 0.2, "skew_reverse_kl": 0.2}
 # The kernel's element math is float32 for float32 / bfloat16 / float16 logits (sums in float64).
+# The CPU kernel, and the CUDA kernel where a GPU is present (marked cuda: the GPU check runs it).
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or not fastkd.build_info()["cuda"], reason="needs CUDA"),
+])]
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
 
 
@@ -76,9 +81,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("ranks", [1, 3, 8])
-def test_kernel_equals_the_full_rows(dtype, divergence, ranks):
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_equals_the_full_rows(dtype, divergence, ranks, device):
     s, t, y = _logits(dtype)
-    soft, hard, gs, gt = _run(True, s, t, y, divergence, ranks)
+    soft, hard, gs, gt = (x.cpu() for x in _run(True, s.to(device), t.to(device), y.to(device), divergence, ranks))
     ref_soft, ref_hard, ref_gs, ref_gt = _reference(s, t, y, divergence)
     _close(soft, ref_soft, RTOL[dtype])
     _close(hard, ref_hard, RTOL[dtype])
@@ -90,8 +96,9 @@ def test_kernel_equals_the_full_rows(dtype, divergence, ranks):
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_kernel_equals_its_pytorch_form(divergence):
-    s, t, y = _logits(torch.float64, vocab=1500)  # more than one 1024-element block per piece
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_equals_its_pytorch_form(divergence, device):
+    s, t, y = (x.to(device) for x in _logits(torch.float64, vocab=1500))  # > one 1024-element block a piece
     for a, b in zip(_run(True, s, t, y, divergence, 2), _run(False, s, t, y, divergence, 2), strict=True):
         _close(a, b, 1e-13)
 
