@@ -40,6 +40,18 @@ def _errors_of(fn, *args) -> dict[str, float] | str:
         return f"{type(e).__name__}: {e}"
 
 
+def _double_backward(mesh, s, t, y) -> None:
+    """A gradient of the gradient (create_graph=True): refused, not silently constant."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fastkd
+
+    ds = distribute_tensor(s, mesh, [Shard(1)]).requires_grad_()
+    (grad,) = torch.autograd.grad(fastkd.distill_loss(ds, distribute_tensor(t, mesh, [Shard(1)]), y), ds,
+                                  create_graph=True)
+    grad.to_local().square().sum().backward()
+
+
 def _layout_errors(mesh) -> dict[str, str]:
     """The message each wrong layout raises (or 'no error')."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -65,6 +77,8 @@ def _layout_errors(mesh) -> dict[str, str]:
             distribute_tensor(torch.randn(8, 3), mesh, [Replicate()]), y,
             teacher_hidden=distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]),
             teacher_weight=distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])),
+        "student_plain": lambda: fastkd.distill_loss(s, distribute_tensor(t, mesh, [Shard(1)]), y),
+        "double_backward": lambda: _double_backward(mesh, s, t, y),
         "target_out_of_range": lambda: fastkd.distill_loss(distribute_tensor(s, mesh, [Shard(1)]),
                                                            distribute_tensor(t, mesh, [Shard(1)]), y + 8),
     }
@@ -113,13 +127,18 @@ def ranks(request, tmp_path_factory) -> list[dict]:
     return spawn_ranks(_worker_2 if world == 2 else _worker_3, tmp_path_factory.mktemp(f"tp{world}"), world)
 
 
-@pytest.mark.parametrize(("divergence", "dtype", "variant"), ALL_CASES, ids=["-".join(c) for c in ALL_CASES])
-def test_equals_the_loss_of_the_full_logits(ranks, divergence, dtype, variant):
+def _assert_within(ranks: list[dict], key: tuple, dtype: str) -> None:
+    """Every rank computed case ``key`` and its errors are within the dtype's bound."""
     for rank, results in enumerate(ranks):
-        errors = results[(divergence, dtype, variant)]
+        errors = results[key]
         assert isinstance(errors, dict), f"rank {rank}: {errors}"
         for name, err in errors.items():
             assert err <= TOLERANCE[dtype], f"rank {rank}: {name} relative error {err:.3g}"
+
+
+@pytest.mark.parametrize(("divergence", "dtype", "variant"), ALL_CASES, ids=["-".join(c) for c in ALL_CASES])
+def test_equals_the_loss_of_the_full_logits(ranks, divergence, dtype, variant):
+    _assert_within(ranks, (divergence, dtype, variant), dtype)
 
 
 def test_every_rank_gets_the_same_loss(ranks):
@@ -136,6 +155,8 @@ def test_every_rank_gets_the_same_loss(ranks):
     ("teacher_plain", "teacher_logits is a Tensor"),
     ("target_sharded", "target is a DTensor placed (Shard(dim=0),)"),
     ("target_out_of_range", "IndexError: target value"),
+    ("student_plain", "student_logits is a Tensor"),
+    ("double_backward", "RuntimeError"),
     ("fused_plain_hidden", "student_weight is a DTensor (an FSDP2 shard"),
     ("fused_weight_replicated", "student_weight is a DTensor placed (Replicate(),)"),
 ])
@@ -146,11 +167,7 @@ def test_other_layouts_are_refused_clearly(ranks, case, expected):
 
 @pytest.mark.parametrize(("divergence", "dtype", "variant"), FUSED_CASES, ids=["-".join(c) for c in FUSED_CASES])
 def test_fused_linear_with_column_parallel_heads(ranks, divergence, dtype, variant):
-    for rank, results in enumerate(ranks):
-        errors = results[("fused", divergence, dtype, variant)]
-        assert isinstance(errors, dict), f"rank {rank}: {errors}"
-        for name, err in errors.items():
-            assert err <= TOLERANCE[dtype], f"rank {rank}: {name} relative error {err:.3g}"
+    _assert_within(ranks, ("fused", divergence, dtype, variant), dtype)
 
 
 def test_a_compiled_step_equals_eager(ranks):
@@ -162,8 +179,4 @@ def test_a_compiled_step_equals_eager(ranks):
 
 @pytest.mark.parametrize(("divergence", "dtype", "tail"), SPARSE_CASES, ids=["-".join(c) for c in SPARSE_CASES])
 def test_top_k_teacher_with_global_indices(ranks, divergence, dtype, tail):
-    for rank, results in enumerate(ranks):
-        errors = results[("sparse", divergence, dtype, tail)]
-        assert isinstance(errors, dict), f"rank {rank}: {errors}"
-        for name, err in errors.items():
-            assert err <= TOLERANCE[dtype], f"rank {rank}: {name} relative error {err:.3g}"
+    _assert_within(ranks, ("sparse", divergence, dtype, tail), dtype)

@@ -6,7 +6,7 @@ import torch
 
 from fastkd.sparse import SparseTeacher
 from fastkd.terms import DistillTerms
-from fastkd.vocab_parallel.layout import replicated, same_layout, vocab_shard
+from fastkd.vocab_parallel.layout import is_dtensor, replicated, same_layout, vocab_shard
 from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms, masked_terms
 from fastkd.vocab_parallel.sparse import sparse_row_terms
 
@@ -21,6 +21,10 @@ def vocab_parallel_distill_loss(
     tensor, the same on every rank; the logits' gradients come back as DTensors placed like them."""
     from fastkd.functional import _reduced_terms, _row_weights  # the dense path's weights and reduction
 
+    if not is_dtensor(student_logits):
+        raise ValueError(
+            f"teacher_logits is a vocabulary-sharded DTensor but student_logits is a {type(student_logits).__name__}; "
+            f"pass student_logits as a DTensor placed (Shard(-1),) on the same mesh")
     student = vocab_shard(student_logits, "student_logits")
     sparse = isinstance(teacher_logits, SparseTeacher)
     teacher = None if sparse else same_layout(student, teacher_logits)
