@@ -106,8 +106,9 @@ class _ColumnParallelDistill(torch.autograd.Function):
                 grad_w.addmm_(g.T, h_s[sl].to(g.dtype))
             if grad_b is not None:
                 grad_b += g.sum(0)
-        # Each rank's columns contribute to every row's hidden-state gradient: one sum over the mesh.
-        grad_h = funcol.all_reduce(grad_h, "sum", group=spec.mesh) if need_h else None
+        # Each rank's columns contribute to every row's hidden-state gradient: one sum over the mesh, waited
+        # on here: handed back unwaited, a gradient nobody reads would keep its work (and buffer) registered.
+        grad_h = funcol.wait_tensor(funcol.all_reduce(grad_h, "sum", group=spec.mesh)) if need_h else None
 
         def cast(g, like):
             return None if g is None else g.to(like.dtype)
