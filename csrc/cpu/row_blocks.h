@@ -1,7 +1,6 @@
 // The vector and scalar Math of distill_row.h / divergence_row.h, the block loads and stores, and
 // pass 1 on one block (the softmax statistics of both sides): what every row kernel of the CPU build
-// shares. Include inside the ISA namespace of a kernel source, after vec_exp.h and vec_widen.h, with
-// kBlock defined.
+// shares. Include inside the ISA namespace of a kernel source, after vec_exp.h and vec_widen.h.
 #pragma once
 
 // The Math of distill_row.h and divergence_row.h on vectors and on scalars (row tails).

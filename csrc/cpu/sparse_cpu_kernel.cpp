@@ -32,26 +32,7 @@ using at::vec::Vectorized;
 #include "cpu/vec_exp.h"
 #include "cpu/vec_widen.h"
 
-// fp32 lanes add at most this many vectors before their sum moves into float64.
-constexpr int64_t kFlush = 16;
-
-template <class acc_t>
-double horizontal_sum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  double total = 0;
-  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) total += double(lanes[i]);
-  return total;
-}
-
-template <class acc_t>
-acc_t horizontal_max(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t i = 1; i < Vectorized<acc_t>::size(); ++i) m = nan_max(m, lanes[i]);
-  return m;
-}
+#include "cpu/row_blocks.h"  // kFlush, horizontal_sum / horizontal_max, the vector Math
 
 // sum_i x_i of a buffer, fp32 lanes flushed into float64.
 template <class acc_t>
