@@ -195,6 +195,29 @@ def test_fused_linear_matches_dense_and_never_runs_the_student_lm_head(tmp_path)
     assert not any(p.grad is not None for p in teacher.parameters())
 
 
+def test_fused_linear_keeps_each_heads_own_transform(tmp_path):
+    """A teacher whose head scales its logits (Cohere's logit_scale) and a student whose head does not:
+    the fused loss applies each head's own transform, as the models' forwards do (the dense path)."""
+    student = _student()
+    torch.manual_seed(100)
+    teacher = transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=V_TEACHER, hidden_size=48, logit_scale=0.25, **_LAYERS))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20.0)
+    batch = _collate(_examples())
+    losses, grads = [], []
+    for fused in (False, True):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher,
+                                      args=_args(tmp_path, fused_linear=fused, divergence="jsd"))
+        loss = trainer.compute_loss(student, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(student))
+        student.zero_grad()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
 def test_fused_linear_training_step_matches_dense(tmp_path):
     examples = _examples(4)
     dense, dense_loss = _train(tmp_path / "d", examples, per_device_train_batch_size=2, gradient_accumulation_steps=2)

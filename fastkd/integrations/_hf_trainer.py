@@ -55,8 +55,8 @@ class DistillationTrainer(transformers.Trainer):
       student's lm_head forward never runs and no (B, S, V) logits exist. Each head's weight is read
       inside its model's and its head's forward (:func:`fastkd.inside_forward`): gathered there once per
       step under FSDP2 / ZeRO-3, and the student's gradient goes through the framework's reduction.
-      The head's ``logit_scale`` / ``logits_scaling`` / ``final_logit_softcapping`` (from the configs)
-      must match between the models.
+      Each head applies its own ``logit_scale`` / ``logits_scaling`` / ``final_logit_softcapping``
+      (from its config), so a Gemma 2 student may learn from a Cohere teacher.
       A PEFT student runs its inner model's base model; the lm_head's ``modules_to_save`` copy, or its
       LoRA adapters folded into the weight (``W + scaling * B @ A``), give the head it computes. A head
       the fused path cannot compute exactly (LoRA dropout in training, DoRA, another class, a forward
@@ -231,18 +231,15 @@ class DistillationTrainer(transformers.Trainer):
         check_head(base_and_head(student)[1], "student's lm_head")
         if sparse_teacher is None:
             check_head(base_and_head(self.teacher_model)[1], "teacher's lm_head")
-        transform = head_transform(student)
-        if sparse_teacher is None and head_transform(self.teacher_model) != transform:
-            raise ValueError(
-                f"fused_linear=True applies one (logit_scale, softcap) to both heads, but the student's is "
-                f"{transform} and the teacher's {head_transform(self.teacher_model)}; use fused_linear=False"
-            )
+        # Each head keeps its own (logit_scale, softcap); an offline teacher's values are already its logits.
+        s_scale, s_cap = head_transform(student)
+        t_scale, t_cap = head_transform(self.teacher_model) if sparse_teacher is None else (1.0, None)
 
         def loss_fn(hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: torch.Tensor | None, vocab: int,
                     **teacher: Any) -> torch.Tensor:
             return fastkd.fused_linear_distill_loss(
-                hidden.to(s_weight.dtype), s_weight, target, student_bias=s_bias, logit_scale=transform[0],
-                softcap=transform[1], vocab_size=vocab, chunk_size=args.chunk_size, **teacher, **loss_kwargs,
+                hidden.to(s_weight.dtype), s_weight, target, student_bias=s_bias, logit_scale=(s_scale, t_scale),
+                softcap=(s_cap, t_cap), vocab_size=vocab, chunk_size=args.chunk_size, **teacher, **loss_kwargs,
             )
 
         def student_forward(**model_inputs: Any) -> torch.Tensor:
