@@ -131,3 +131,11 @@ def test_a_row_without_coefficients_gets_zero_gradients_unread():
     coeffs[4] = 0.0  # a masked row
     gs, gt = passes.gradients(s, t, y, frame, coeffs, 1.0, -100, 0, s.shape[1], 0.0, "forward_kl", 0.0, True, True)
     assert (gs[4] == 0).all() and (gt[4] == 0).all()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_the_pytorch_form_takes_a_rank_without_columns(divergence):
+    # A 4-wide vocabulary over 3 ranks: pieces of 2, 2 and 0 columns (where fastkd's kernel cannot run).
+    s, t, y = _logits(torch.float64, vocab=4)
+    for a, b in zip(_run(False, s, t, y, divergence, 3), _reference(s, t, y, divergence), strict=True):
+        _close(a, b, 1e-12)

@@ -62,8 +62,13 @@ def _shift(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """The maximum of each row, -inf for a row of no columns (a rank's empty shard), where amax refuses."""
+    return x.amax(-1) if x.shape[-1] > 0 else x.new_full(x.shape[:-1], float("-inf"))
+
+
 def _exp_sum(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    m = x.amax(-1)
+    m = row_max(x)
     return m.double(), torch.exp((x - _shift(m)[:, None]) * scale).sum(-1, dtype=torch.float64)
 
 
@@ -72,6 +77,14 @@ def _local_target(target: torch.Tensor, ignore_index: int, vocab_start: int, loc
     local = target.long() - vocab_start
     here = (target != ignore_index) & (local >= 0) & (local < local_vocab)
     return torch.where(here, local, torch.full_like(local, -1))
+
+
+def _at_local_target(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """float64 s[i, y_i] where y_i >= 0, else 0 (a rank without columns reads nothing)."""
+    if s.shape[1] == 0:
+        return s.new_zeros(s.shape[0], dtype=torch.float64)
+    picked = s.gather(1, y.clamp(min=0)[:, None])[:, 0].double()
+    return torch.where(y >= 0, picked, torch.zeros_like(picked))
 
 
 def _statistics_torch(student, teacher, target, temperature, ignore_index, vocab_start) -> torch.Tensor:
@@ -87,8 +100,7 @@ def _statistics_torch(student, teacher, target, temperature, ignore_index, vocab
     else:
         sum_1 = torch.exp(s - _shift(max_s).to(acc)[:, None]).sum(-1, dtype=torch.float64)
         sum_s = s.sum(-1, dtype=torch.float64)
-        y = _local_target(target, ignore_index, vocab_start, s.shape[1])
-        s_y = torch.where(y >= 0, s.gather(1, y.clamp(min=0)[:, None])[:, 0].double(), zeros)
+        s_y = _at_local_target(s, _local_target(target, ignore_index, vocab_start, s.shape[1]))
     return torch.stack([max_t, sum_t, max_s, sum_b, sum_1, sum_s, s_y], dim=1)
 
 
@@ -151,7 +163,7 @@ def _gradients_torch(student, teacher, target, frame, coeffs, temperature, ignor
             has = (hard != 0) & (target != ignore_index)[:, None]  # no hard term where the target is ignored
             gs = gs + torch.where(has, hard * (r - label_smoothing / vocab), torch.zeros_like(r))
             y = _local_target(target, ignore_index, vocab_start, s.shape[1])
-            at_y = torch.nn.functional.one_hot(y.clamp(min=0), s.shape[1]).to(acc) * (y >= 0)[:, None]
+            at_y = (torch.arange(s.shape[1], device=y.device) == y[:, None]).to(acc)  # y = -1: no column
             gs = gs - torch.where(has, hard * (1 - label_smoothing), torch.zeros_like(hard)) * at_y
         gs = gs.to(student.dtype)
     if teacher_grad:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 
 from fastkd.sparse import SparseTeacher, sparse_soft_rows_from
+from fastkd.vocab_parallel import passes
 from fastkd.vocab_parallel.rows import RowSpec
 
 
@@ -40,7 +41,7 @@ def _max_over_ranks(x: torch.Tensor, mesh) -> torch.Tensor:
 
 def _log_sum_exp(x: torch.Tensor, mesh, mask: torch.Tensor | None = None) -> torch.Tensor:
     """log sum_j exp(x_j) over the whole vocabulary, (N,) float64; ``mask`` drops local columns."""
-    m = _max_over_ranks(x.amax(-1).double(), mesh)
+    m = _max_over_ranks(passes.row_max(x).double(), mesh)
     shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     e = torch.exp(x - shift.to(x.dtype)[:, None])
     if mask is not None:
@@ -50,9 +51,19 @@ def _log_sum_exp(x: torch.Tensor, mesh, mask: torch.Tensor | None = None) -> tor
 
 def _at_slots(s: torch.Tensor, idx: torch.Tensor, here: torch.Tensor, mesh, start: int) -> torch.Tensor:
     """(N, K) student logits at the teacher's global indices, each read on the rank that holds it."""
+    if s.shape[1] == 0:  # a rank without columns reads no slot (gather would index past its end)
+        return _sum_over_ranks(torch.zeros(idx.shape, dtype=torch.float64, device=s.device), mesh)
     local = torch.where(here, idx - start, torch.zeros_like(idx))
     picked = torch.where(here, s.gather(1, local).double(), torch.zeros((), dtype=torch.float64))
     return _sum_over_ranks(picked, mesh)
+
+
+def _on_support(idx: torch.Tensor, here: torch.Tensor, start: int, x: torch.Tensor) -> torch.Tensor:
+    """(N, V_local) bool: the local columns that are slots of the teacher's support."""
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    local = torch.where(here, idx - start, torch.zeros_like(idx))
+    return torch.zeros(x.shape, dtype=torch.int32, device=x.device).scatter_add_(1, local, here.int()) > 0
 
 
 def sparse_row_terms(s: torch.Tensor, teacher: SparseTeacher, target: torch.Tensor | None,
@@ -70,8 +81,7 @@ def sparse_row_terms(s: torch.Tensor, teacher: SparseTeacher, target: torch.Tens
     lq_support = _at_slots(x, idx, here, mesh, spec.vocab_start) * inv_t - lse_b[:, None]
     lq_tail = None
     if teacher.tail == "bucket":
-        local = torch.where(here, idx - spec.vocab_start, torch.zeros_like(idx))
-        on_support = torch.zeros(x.shape, dtype=torch.int32, device=x.device).scatter_add_(1, local, here.int()) > 0
+        on_support = _on_support(idx, here, spec.vocab_start, x)
         lq_tail = (_log_sum_exp(x * inv_t, mesh, on_support) - lse_b)[:, None]
     soft = sparse_soft_rows_from(lq_support, lq_tail, teacher, spec.temperature, spec.divergence, spec.beta,
                                  torch.float64)
