@@ -140,6 +140,7 @@ def column_parallel_distill_loss(
     b_t = None if teacher_bias is None else _local_weight(teacher_bias, "teacher_bias", mesh)
     target = replicated(target, "target")
     soft_mask = replicated(soft_mask, "soft_mask")
+    num_items_in_batch = replicated(num_items_in_batch, "num_items_in_batch")
     lead = h_s.shape[:-1]
     vocab, local_vocab = student_weight.shape[0], w_s.shape[0]
     start = min(-(-vocab // mesh.size()) * mesh.get_local_rank(), vocab)

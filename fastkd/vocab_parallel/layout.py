@@ -73,9 +73,9 @@ def same_layout(student: VocabShard, teacher: object, name: str = "teacher_logit
     return shard
 
 
-def replicated(x: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    """A per-row tensor (target, soft_mask) given whole on every rank: a plain tensor or a replicated
-    DTensor, as this rank's tensor."""
+def replicated(x: torch.Tensor | int | None, name: str) -> torch.Tensor | int | None:
+    """A tensor given whole on every rank (target, soft_mask, num_items_in_batch): a plain tensor or a
+    replicated DTensor, as this rank's tensor; anything else as it is."""
     if x is None or not is_dtensor(x):
         return x
     if not all(isinstance(p, Replicate) for p in x.placements):

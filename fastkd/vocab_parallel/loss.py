@@ -30,6 +30,7 @@ def vocab_parallel_distill_loss(
     teacher = None if sparse else same_layout(student, teacher_logits)
     target = replicated(target, "target")
     soft_mask = replicated(soft_mask, "soft_mask")
+    num_items_in_batch = replicated(num_items_in_batch, "num_items_in_batch")
     local_vocab = student.local.shape[-1]
     lead = student.local.shape[:-1]
     rows = lead.numel()  # not reshape(-1, ...): a rank may hold no column of a narrow vocabulary
