@@ -99,6 +99,7 @@ def _num_items_as_a_replicated_dtensor(mesh) -> float:
 CASES = {
     "sparse_empty_shard": _sparse_teacher_with_an_empty_shard,
     "num_items_dtensor": _num_items_as_a_replicated_dtensor,
+    "fused_uneven_chunks": _fused_default_chunks_on_uneven_shards,
 }
 
 

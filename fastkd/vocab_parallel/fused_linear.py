@@ -143,13 +143,15 @@ def column_parallel_distill_loss(
     num_items_in_batch = replicated(num_items_in_batch, "num_items_in_batch")
     lead = h_s.shape[:-1]
     vocab, local_vocab = student_weight.shape[0], w_s.shape[0]
-    start = min(-(-vocab // mesh.size()) * mesh.get_local_rank(), vocab)
+    widest = -(-vocab // mesh.size())  # DTensor's split: shards of ceil(V / R), the last ones shorter or empty
+    start = min(widest * mesh.get_local_rank(), vocab)
     spec = RowSpec(mesh, float(temperature), divergence, float(beta), float(label_smoothing), int(ignore_index),
                    start, vocab)
     from fastkd.fused_linear import _Head
 
     local_heads = tuple(_Head(local_vocab, h.logit_scale, h.softcap) for h in heads)
-    chunk = int(chunk_size) if chunk_size else _default_chunk_size(local_vocab, h_s.element_size(), h_s.device.type)
+    # From the widest shard, not this rank's: every rank must run as many chunks (each a pair of collectives).
+    chunk = int(chunk_size) if chunk_size else _default_chunk_size(widest, h_s.element_size(), h_s.device.type)
     cfg = _Chunks(spec, local_heads, max(1, chunk))
     hs2, ht2 = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
     y = None if target is None else target.reshape(-1)
