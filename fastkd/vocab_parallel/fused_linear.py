@@ -89,9 +89,10 @@ class _ColumnParallelDistill(torch.autograd.Function):
         spec = cfg.spec
         s_head = cfg.heads[0]
         need_h, need_w, need_b = ctx.needs_input_grad[2:5]
-        grad_h = torch.zeros(h_s.shape, dtype=torch.float32 if h_s.dtype != torch.float64 else torch.float64)
-        grad_w = torch.zeros(w_s.shape, dtype=grad_h.dtype) if need_w else None
-        grad_b = torch.zeros(b_s.shape, dtype=grad_h.dtype) if need_b and b_s is not None else None
+        acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        grad_h = torch.zeros(h_s.shape, dtype=acc, device=h_s.device)
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
+        grad_b = torch.zeros(b_s.shape, dtype=acc, device=b_s.device) if need_b and b_s is not None else None
         coeffs = torch.stack([grad_soft / spec.temperature, grad_hard, sums[:, 1], sums[:, 2]], dim=1).double()
         for start in range(0, h_s.shape[0], cfg.chunk_size):
             sl = slice(start, min(h_s.shape[0], start + cfg.chunk_size))
