@@ -139,3 +139,11 @@ def test_the_pytorch_form_takes_a_rank_without_columns(divergence):
     s, t, y = _logits(torch.float64, vocab=4)
     for a, b in zip(_run(False, s, t, y, divergence, 3), _reference(s, t, y, divergence), strict=True):
         _close(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_rows_than_one_launch_grid(device):
+    # 65535 blocks at most on the GPU: each block then takes several rows, every row's reduction all its threads.
+    s, t, y = (x.to(device) for x in _logits(torch.float64, vocab=40, rows=65535 + 9))
+    for a, b in zip(_run(True, s, t, y, "jsd", 2), _run(False, s, t, y, "jsd", 2), strict=True):
+        _close(a, b, 1e-13)

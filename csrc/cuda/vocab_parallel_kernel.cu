@@ -60,17 +60,19 @@ __device__ void stats_row(const VpKernelArgs& a, int64_t row, const ColumnLoad<X
   RowShare share = gather_row_share<acc_t, ScalarDevMath<acc_t>>(s, t, threadIdx.x, kThreads, a.vocab, acc_t(inv_t),
                                                                  hard);
   share = block_reduce<kThreads>(share, [inv_t](RowShare& x, const RowShare& o) { x.merge(o, inv_t); }, scratch);
-  if (threadIdx.x != 0) return;
-  double* out = a.out + row * kVpStats;
-  out[kMaxT] = share.t.m;
-  out[kSumT] = share.t.s;
-  out[kMaxS] = share.b.m;
-  out[kSumB] = share.b.s;
-  // sum_1 relative to max_s (the same maximum as b's; moved onto it in case rounding differs).
-  out[kSum1] = share.one.m == -INFINITY ? 0.0 : share.one.s * exp(share.one.m - share.b.m);
-  out[kSumS] = share.sum_s;
-  const int64_t y = local_target(a, row);
-  out[kTargetLogit] = y >= 0 ? double(s(y)) : 0.0;
+  // Thread 0 writes; the others go on to the block's next row (grid-stride), whose reduction needs them all.
+  if (threadIdx.x == 0) {
+    double* out = a.out + row * kVpStats;
+    out[kMaxT] = share.t.m;
+    out[kSumT] = share.t.s;
+    out[kMaxS] = share.b.m;
+    out[kSumB] = share.b.s;
+    // sum_1 relative to max_s (the same maximum as b's; moved onto it in case rounding differs).
+    out[kSum1] = share.one.m == -INFINITY ? 0.0 : share.one.s * exp(share.one.m - share.b.m);
+    out[kSumS] = share.sum_s;
+    const int64_t y = local_target(a, row);
+    out[kTargetLogit] = y >= 0 ? double(s(y)) : 0.0;
+  }
 }
 
 template <class X, Divergence kKind>
@@ -81,11 +83,12 @@ __device__ void sums_row(const VpKernelArgs& a, int64_t row, const ColumnLoad<X>
   DivergenceShare sums =
       gather_divergence_share<kKind, acc_t, ScalarDevMath<acc_t>>(s, t, fr, threadIdx.x, kThreads, a.vocab);
   sums = block_reduce<kThreads>(sums, [](DivergenceShare& x, const DivergenceShare& o) { x.merge(o); }, scratch);
-  if (threadIdx.x != 0) return;
-  double* out = a.out + row * kVpSums;
-  out[kSumF] = sums.f;
-  out[kSumQg] = sums.qg;
-  out[kSumPh] = sums.ph;
+  if (threadIdx.x == 0) {  // as in stats_row: every thread stays for the next row
+    double* out = a.out + row * kVpSums;
+    out[kSumF] = sums.f;
+    out[kSumQg] = sums.qg;
+    out[kSumPh] = sums.ph;
+  }
 }
 
 // Pass 3. A row with neither coefficient gets zeros without reading it (a masked row's NaN stays out).
