@@ -98,6 +98,7 @@ FUSED_VARIANTS: dict[str, dict[str, Any]] = {
     "num_items": dict(num_items_in_batch=5, label_smoothing=0.0),
     "soft_mask": dict(soft_mask=True),
     "heads": dict(softcap=(3.0, None), logit_scale=(1.0, 0.5), bias=True),
+    "teacher_grad": dict(teacher_grad=True, softcap=(None, 4.0)),  # online distillation: both heads learn
 }
 
 
@@ -117,6 +118,7 @@ def run_fused_case(mesh, dtype_name: str, divergence: str, variant: str, seed: i
     y = torch.randint(0, vocab, (2, rows // 2), generator=g)
     y[0, 3] = -100
     with_bias = cfg.pop("bias", False)
+    teacher_grad = cfg.pop("teacher_grad", False)
     kwargs: dict[str, Any] = dict(temperature=2.0, alpha=0.6, label_smoothing=0.1, divergence=divergence, chunk_size=5)
     kwargs.update(cfg)
     if kwargs.get("soft_mask"):
@@ -127,16 +129,18 @@ def run_fused_case(mesh, dtype_name: str, divergence: str, variant: str, seed: i
         return (loss * row_weights.to(loss.dtype)).sum() if loss.dim() > 0 else loss
 
     ref_in = [x.double().requires_grad_() for x in (hs, ws, bs)]
+    ref_t = [x.double().requires_grad_(teacher_grad) for x in (ht, wt)]
     ref = fastkd.fused_linear_distill_loss(
-        ref_in[0], ref_in[1], y, student_bias=ref_in[2] if with_bias else None, teacher_hidden=ht.double(),
-        teacher_weight=wt.double(), **kwargs)
+        ref_in[0], ref_in[1], y, student_bias=ref_in[2] if with_bias else None, teacher_hidden=ref_t[0],
+        teacher_weight=ref_t[1], **kwargs)
     total(ref).backward()
     dh = distribute_tensor(hs, mesh, [Replicate()]).requires_grad_()
     dw = distribute_tensor(ws, mesh, [Shard(0)]).requires_grad_()
     db = distribute_tensor(bs, mesh, [Shard(0)]).requires_grad_()
+    dht = distribute_tensor(ht, mesh, [Replicate()]).requires_grad_(teacher_grad)
+    dwt = distribute_tensor(wt, mesh, [Shard(0)]).requires_grad_(teacher_grad)
     loss = fastkd.fused_linear_distill_loss(
-        dh, dw, y, student_bias=db if with_bias else None, teacher_hidden=distribute_tensor(ht, mesh, [Replicate()]),
-        teacher_weight=distribute_tensor(wt, mesh, [Shard(0)]), **kwargs)
+        dh, dw, y, student_bias=db if with_bias else None, teacher_hidden=dht, teacher_weight=dwt, **kwargs)
     total(loss).backward()
     assert dw.grad.placements == (Shard(0),) and dh.grad.placements == (Replicate(),)
 
@@ -147,6 +151,11 @@ def run_fused_case(mesh, dtype_name: str, divergence: str, variant: str, seed: i
               "grad_weight": rel(dw.grad.full_tensor(), ref_in[1].grad)}
     if with_bias:
         errors["grad_bias"] = rel(db.grad.full_tensor(), ref_in[2].grad)
+    if teacher_grad:
+        errors["grad_teacher_hidden"] = rel(dht.grad.full_tensor(), ref_t[0].grad)
+        errors["grad_teacher_weight"] = rel(dwt.grad.full_tensor(), ref_t[1].grad)
+    else:
+        errors["teacher_has_no_grad"] = 0.0 if dht.grad is None and dwt.grad is None else 1.0
     return errors
 
 

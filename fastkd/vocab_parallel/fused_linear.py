@@ -6,7 +6,8 @@ Each rank computes its columns of the logits chunk by chunk (``chunk_size`` rows
 runs passes 1 and 2 on them with one all-gather and one all-reduce of per-row numbers per chunk, and keeps
 only per-row numbers. Backward recomputes each chunk's logits, writes their gradient (pass 3, no
 communication), and turns it into this rank's weight and bias gradient (which stay sharded) and its share
-of the hidden-state gradient, all-reduced once over the mesh at the end. The teacher gets no gradient.
+of the hidden-state gradient, all-reduced once over the mesh at the end; the same for the teacher's head when
+it requires a gradient.
 """
 from __future__ import annotations
 
@@ -87,33 +88,54 @@ class _ColumnParallelDistill(torch.autograd.Function):
         target = rest[0] if ctx.has_target else None
         cfg: _Chunks = ctx.cfg
         spec = cfg.spec
-        s_head = cfg.heads[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[2:5]
-        acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-        grad_h = torch.zeros(h_s.shape, dtype=acc, device=h_s.device)
-        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
-        grad_b = torch.zeros(b_s.shape, dtype=acc, device=b_s.device) if need_b and b_s is not None else None
+        student = _HeadGrads(h_s, w_s, b_s, ctx.needs_input_grad[2:5])
+        teacher = _HeadGrads(h_t, w_t, b_t, ctx.needs_input_grad[5:8])
         coeffs = torch.stack([grad_soft / spec.temperature, grad_hard, sums[:, 1], sums[:, 2]], dim=1).double()
         for start in range(0, h_s.shape[0], cfg.chunk_size):
             sl = slice(start, min(h_s.shape[0], start + cfg.chunk_size))
             s, t = _chunk_logits(cfg, sl, h_s, w_s, b_s, h_t, w_t, b_t)
-            g, _ = passes.gradients(
+            g_s, g_t = passes.gradients(
                 s, t, None if target is None else target[sl], frame[sl], coeffs[sl], spec.temperature,
                 spec.ignore_index, spec.vocab_start, spec.vocab, spec.label_smoothing, spec.divergence, spec.beta,
-                True, False)
-            g = s_head.to_pre_activation(g.to(grad_h.dtype), s)
-            grad_h[sl] = g @ w_s.to(g.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(g.T, h_s[sl].to(g.dtype))
-            if grad_b is not None:
-                grad_b += g.sum(0)
-        # Each rank's columns contribute to every row's hidden-state gradient: one sum over the mesh, waited
-        # on here: handed back unwaited, a gradient nobody reads would keep its work (and buffer) registered.
-        grad_h = funcol.wait_tensor(funcol.all_reduce(grad_h, "sum", group=spec.mesh)) if need_h else None
+                student.wanted, teacher.wanted)
+            if g_s is not None:
+                student.add(cfg.heads[0], g_s, s, sl, h_s, w_s)
+            if g_t is not None:
+                teacher.add(cfg.heads[1], g_t, t, sl, h_t, w_t)
+        return (None, None, *student.results(spec.mesh, h_s, w_s, b_s), *teacher.results(spec.mesh, h_t, w_t, b_t))
 
-        def cast(g, like):
-            return None if g is None else g.to(like.dtype)
-        return None, None, cast(grad_h, h_s), cast(grad_w, w_s), cast(grad_b, b_s), None, None, None
+
+class _HeadGrads:
+    """One head's gradients (hidden states, weight, bias), accumulated over the chunks in float32 (float64
+    for float64 hidden states); None for what is not wanted."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, needs: tuple[bool, ...]) -> None:
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        self.h = torch.zeros(h.shape, dtype=acc, device=h.device) if needs[0] else None
+        self.w = torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None
+        self.b = torch.zeros(b.shape, dtype=acc, device=b.device) if needs[2] and b is not None else None
+        self.dtype = acc
+
+    @property
+    def wanted(self) -> bool:
+        return any(g is not None for g in (self.h, self.w, self.b))
+
+    def add(self, head, grad_logits: torch.Tensor, logits: torch.Tensor, rows: slice, h: torch.Tensor,
+            w: torch.Tensor) -> None:
+        g = head.to_pre_activation(grad_logits.to(self.dtype), logits)
+        if self.h is not None:
+            self.h[rows] = g @ w.to(g.dtype)
+        if self.w is not None:
+            self.w.addmm_(g.T, h[rows].to(g.dtype))
+        if self.b is not None:
+            self.b += g.sum(0)
+
+    def results(self, mesh, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple:
+        """The gradients in their inputs' dtypes. Each rank's columns contribute to every row's hidden-state
+        gradient: one sum over the mesh, waited on here (handed back unwaited, a gradient nobody reads would
+        keep its work and buffer registered)."""
+        grad_h = None if self.h is None else funcol.wait_tensor(funcol.all_reduce(self.h, "sum", group=mesh))
+        return tuple(None if g is None else g.to(x.dtype) for g, x in ((grad_h, h), (self.w, w), (self.b, b)))
 
 
 def column_parallel_distill_loss(
@@ -157,8 +179,7 @@ def column_parallel_distill_loss(
     hs2, ht2 = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
     y = None if target is None else target.reshape(-1)
     mask = None if soft_mask is None else soft_mask.reshape(-1)
-    soft, hard = _ColumnParallelDistill.apply(cfg, y, hs2, w_s, b_s, ht2.detach(), w_t.detach(),
-                                              None if b_t is None else b_t.detach())
+    soft, hard = _ColumnParallelDistill.apply(cfg, y, hs2, w_s, b_s, ht2, w_t, b_t)
     soft, hard = masked_terms(soft, hard, y, mask, ignore_index)
     weights, soft_norm, hard_norm = _row_weights(
         hs2, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
