@@ -5,6 +5,7 @@ import torch
 
 from fastkd import _cuda_fallback, ops, reference
 from fastkd._validation import check_distill_args
+from fastkd.sharding import is_dtensor
 from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
@@ -13,16 +14,6 @@ def has_kernel(device: torch.device) -> bool:
     """Whether fastkd's fused kernels run on this device (else the losses run ``fastkd.reference``): this
     build has kernels for its type and, for a GPU, code for its arch."""
     return _cuda_fallback.fused_kernels_run_on(device)
-
-
-def _is_dtensor(x: object) -> bool:
-    """A DTensor (logits sharded across a tensor-parallel group), without importing torch.distributed
-    for plain tensors."""
-    if type(x) is torch.Tensor or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
 
 
 def _sparse_op_checks_indices(student_logits: object) -> bool:
@@ -111,7 +102,7 @@ def distill_loss(
         label_smoothing=label_smoothing, scale_by_temperature_squared=scale_by_temperature_squared,
         divergence=divergence, beta=beta, soft_mask=soft_mask, num_items_in_batch=num_items_in_batch,
     )
-    if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
+    if is_dtensor(student_logits) or is_dtensor(teacher_logits):
         from fastkd.vocab_parallel import vocab_parallel_distill_loss
 
         return vocab_parallel_distill_loss(

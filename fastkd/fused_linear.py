@@ -20,7 +20,7 @@ import torch
 from fastkd import _cuda_fallback, ops, reference
 from fastkd._validation import check_distill_args
 from fastkd.functional import _reduced_terms, _row_weights, has_kernel
-from fastkd.sharding import check_materialised
+from fastkd.sharding import check_materialised, is_dtensor
 from fastkd.sparse import SparseTeacher, as_teacher, sparse_rows
 from fastkd.terms import DistillTerms
 
@@ -539,17 +539,14 @@ def fused_linear_distill_loss(
 def _column_parallel(weight: object, hidden: object) -> bool:
     """A vocabulary-sharded (column-parallel) head: both the weight and the hidden states are DTensors.
     A DTensor weight with plain hidden states is an FSDP2 shard, which check_materialised refuses."""
-    if type(weight) is torch.Tensor or type(hidden) is torch.Tensor or not torch.distributed.is_available():
-        return False
-    from fastkd.vocab_parallel.fused_linear import is_column_parallel
-
-    return is_column_parallel(weight, hidden)
+    return is_dtensor(weight) and is_dtensor(hidden)
 
 
 def _column_parallel_loss(student_hidden, student_weight, target, *, teacher_hidden, teacher_weight, teacher_logits,
                           vocab_size, logit_scale, softcap, chunk_size, **kwargs) -> torch.Tensor | DistillTerms:
     """fused_linear_distill_loss with the heads sharded by vocabulary (fastkd.vocab_parallel.fused_linear)."""
     from fastkd.vocab_parallel.fused_linear import column_parallel_distill_loss
+    from fastkd.vocab_parallel.layout import replicated
 
     if teacher_logits is not None or teacher_hidden is None or teacher_weight is None:
         raise ValueError(
@@ -567,18 +564,17 @@ def _column_parallel_loss(student_hidden, student_weight, target, *, teacher_hid
             f"teacher_hidden {tuple(teacher_hidden.shape)} / teacher_weight {tuple(teacher_weight.shape)}: the "
             f"hidden size (last dimension) must equal the weight's second")
     probe = torch.zeros((), dtype=student_hidden.dtype).expand(*student_hidden.shape[:-1], vocab)
+    # Per-row inputs whole on every rank (plain, or replicated DTensors), checked as for unsharded heads.
+    target = replicated(target, "target")
+    for name in ("soft_mask", "num_items_in_batch"):
+        kwargs[name] = replicated(kwargs[name], name)
     beta = check_distill_args(
-        probe, probe, target if not _is_dtensor(target) else target.to_local(), kwargs["temperature"],
-        kwargs["alpha"], kwargs["label_smoothing"], kwargs["reduction"], divergence=kwargs["divergence"],
-        beta=kwargs.pop("beta"), soft_mask=kwargs["soft_mask"] if not _is_dtensor(kwargs["soft_mask"]) else None,
+        probe, probe, target, kwargs["temperature"], kwargs["alpha"], kwargs["label_smoothing"], kwargs["reduction"],
+        divergence=kwargs["divergence"], beta=kwargs.pop("beta"), soft_mask=kwargs["soft_mask"],
         num_items_in_batch=kwargs["num_items_in_batch"])
     return column_parallel_distill_loss(
         student_hidden, student_weight, target, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         heads=_heads(vocab, logit_scale, softcap), chunk_size=chunk_size, beta=beta, **kwargs)
-
-
-def _is_dtensor(x: object) -> bool:
-    return x is not None and type(x) is not torch.Tensor and type(x).__name__ == "DTensor"
 
 
 class FusedLinearDistillLoss(torch.nn.Module):

@@ -83,13 +83,17 @@ def inside_forward(module: nn.Module, fn: Callable[..., R], *args: Any, **kwargs
         return module(*args, **kwargs)
 
 
+def is_dtensor(x: object) -> bool:
+    """Whether ``x`` is a DTensor (an FSDP2 shard, tensor-parallel logits or weights). No DTensor can exist
+    unless torch.distributed.tensor was imported, so nothing is imported here."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(x, dtensor)
+
+
 def unmaterialised(x: torch.Tensor) -> str | None:
     """What kind of shard ``x`` is when it is not the whole parameter (an FSDP2 DTensor, a ZeRO-3
     partition), else None."""
-    # No DTensor can exist unless torch.distributed.tensor was imported: no import here.
-    tensor_module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(tensor_module, "DTensor", None)
-    if dtensor is not None and isinstance(x, dtensor):
+    if is_dtensor(x):
         return "a DTensor (an FSDP2 shard, outside its module's forward)"
     # DeepSpeed ZeRO-3 marks its parameters with ds_id / ds_status, and an ungathered one is empty with its
     # whole shape in ds_shape.

@@ -41,6 +41,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 import fastkd
 from fastkd.integrations import _trl_head
+from fastkd.sharding import is_dtensor
 
 __all__ = ["DistillationConfig", "DistillationTrainer"]
 
@@ -106,8 +107,7 @@ def _whole(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Te
     """An FSDP2 shard (DTensor) read outside its module's forward as the whole tensor; others as they are."""
     if x is None:
         return None
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    if dtensor is not None and isinstance(x, dtensor):
+    if is_dtensor(x):
         x = x.full_tensor()
         return x if dtype is None else x.to(dtype)
     return x

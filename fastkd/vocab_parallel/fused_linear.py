@@ -20,14 +20,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from fastkd.terms import DistillTerms
 from fastkd.vocab_parallel import passes
-from fastkd.vocab_parallel.layout import replicated
-from fastkd.vocab_parallel.rows import RowSpec, masked_terms, row_terms
-
-
-def is_column_parallel(weight: object, hidden: object) -> bool:
-    """A vocabulary-sharded head: the weight a DTensor placed (Shard(0),) and the hidden states a DTensor
-    (replicated). A sharded weight with plain hidden states is an FSDP2 shard, refused elsewhere."""
-    return isinstance(weight, DTensor) and isinstance(hidden, DTensor)
+from fastkd.vocab_parallel.layout import replicated, shard_start, widest_shard
+from fastkd.vocab_parallel.rows import RowSpec, reduced_loss, row_terms
 
 
 def _local_weight(w: DTensor, name: str, mesh) -> torch.Tensor:
@@ -146,7 +140,6 @@ def column_parallel_distill_loss(
     num_items_in_batch: int | torch.Tensor | None, return_terms: bool,
 ) -> torch.Tensor | DistillTerms:
     """The arguments of :func:`fastkd.fused_linear_distill_loss`, already checked, with column-parallel heads."""
-    from fastkd.functional import _reduced_terms, _row_weights
     from fastkd.fused_linear import _default_chunk_size
 
     h_s, mesh = _local_hidden(student_hidden, "student_hidden")
@@ -166,27 +159,20 @@ def column_parallel_distill_loss(
     num_items_in_batch = replicated(num_items_in_batch, "num_items_in_batch")
     lead = h_s.shape[:-1]
     vocab, local_vocab = student_weight.shape[0], w_s.shape[0]
-    widest = -(-vocab // mesh.size())  # DTensor's split: shards of ceil(V / R), the last ones shorter or empty
-    start = min(widest * mesh.get_local_rank(), vocab)
     spec = RowSpec(mesh, float(temperature), divergence, float(beta), float(label_smoothing), int(ignore_index),
-                   start, vocab)
+                   shard_start(vocab, mesh), vocab)
     from fastkd.fused_linear import _Head
 
     local_heads = tuple(_Head(local_vocab, h.logit_scale, h.softcap) for h in heads)
     # From the widest shard, not this rank's: every rank must run as many chunks (each a pair of collectives).
-    chunk = int(chunk_size) if chunk_size else _default_chunk_size(widest, h_s.element_size(), h_s.device.type)
+    chunk = int(chunk_size) if chunk_size else _default_chunk_size(widest_shard(vocab, mesh), h_s.element_size(), h_s.device.type)
     cfg = _Chunks(spec, local_heads, max(1, chunk))
     hs2, ht2 = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
     y = None if target is None else target.reshape(-1)
     mask = None if soft_mask is None else soft_mask.reshape(-1)
     soft, hard = _ColumnParallelDistill.apply(cfg, y, hs2, w_s, b_s, ht2, w_t, b_t)
-    soft, hard = masked_terms(soft, hard, y, mask, ignore_index)
-    weights, soft_norm, hard_norm = _row_weights(
-        hs2, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
-        ignore_index=ignore_index, reduction=reduction, batch=lead[0] if len(lead) > 0 else 1,
-        num_items_in_batch=num_items_in_batch,
-    )
-    loss_dtype = torch.float64 if hs2.dtype == torch.float64 else torch.float32
-    loss_rows = (weights[0] * soft + weights[1] * hard).to(loss_dtype)
-    return _reduced_terms(loss_rows, soft.to(loss_dtype).detach(), hard.to(loss_dtype).detach(), lead, reduction,
-                          soft_norm, hard_norm, return_terms)
+    return reduced_loss(
+        soft, hard, target=y, soft_mask=mask, lead=lead,
+        loss_dtype=torch.float64 if hs2.dtype == torch.float64 else torch.float32, alpha=alpha,
+        temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, return_terms=return_terms)

@@ -7,6 +7,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from fastkd.sharding import is_dtensor
+
 
 class VocabShard(NamedTuple):
     """This rank's columns [start, start + local.shape[-1]) of logits ``vocab`` wide, over ``mesh``."""
@@ -15,10 +17,6 @@ class VocabShard(NamedTuple):
     start: int
     vocab: int
     mesh: DeviceMesh
-
-
-def is_dtensor(x: object) -> bool:
-    return isinstance(x, DTensor)
 
 
 def _shard_dim(x: DTensor) -> int | None:
@@ -42,16 +40,17 @@ def vocab_shard(x: DTensor, name: str) -> VocabShard:
             f"{name} is a DTensor placed {tuple(x.placements)}; the vocabulary-parallel loss expects it sharded "
             f"by vocabulary, placements (Shard(-1),) (the output of a column-parallel lm_head), or a plain tensor"
         )
-    return VocabShard(x.to_local(), _shard_offset(x), x.shape[-1], mesh)
+    return VocabShard(x.to_local(), shard_start(x.shape[-1], mesh), x.shape[-1], mesh)
 
 
-def _shard_offset(x: DTensor) -> int:
-    """The global index of this rank's first column, as DTensor splits a dimension: chunks of
-    ceil(V / R), the last ones shorter or empty."""
-    mesh = x.device_mesh
-    ranks = mesh.size()
-    chunk = -(-x.shape[-1] // ranks)
-    return min(chunk * mesh.get_local_rank(), x.shape[-1])
+def widest_shard(size: int, mesh: DeviceMesh) -> int:
+    """How DTensor splits a dimension over a 1-D mesh: chunks of ceil(size / R), the last ones shorter or empty."""
+    return -(-size // mesh.size())
+
+
+def shard_start(size: int, mesh: DeviceMesh) -> int:
+    """The global index of this rank's first entry of a dimension split as DTensor splits it."""
+    return min(widest_shard(size, mesh) * mesh.get_local_rank(), size)
 
 
 def same_layout(student: VocabShard, teacher: object, name: str = "teacher_logits") -> VocabShard:

@@ -7,7 +7,7 @@ import torch
 from fastkd.sparse import SparseTeacher
 from fastkd.terms import DistillTerms
 from fastkd.vocab_parallel.layout import is_dtensor, replicated, same_layout, vocab_shard
-from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms, masked_terms
+from fastkd.vocab_parallel.rows import RowSpec, VocabParallelRowTerms, reduced_loss
 from fastkd.vocab_parallel.sparse import sparse_row_terms
 
 
@@ -19,8 +19,6 @@ def vocab_parallel_distill_loss(
 ) -> torch.Tensor | DistillTerms:
     """The arguments of :func:`fastkd.distill_loss`, already checked, with DTensor logits. Returns a plain
     tensor, the same on every rank; the logits' gradients come back as DTensors placed like them."""
-    from fastkd.functional import _reduced_terms, _row_weights  # the dense path's weights and reduction
-
     if not is_dtensor(student_logits):
         raise ValueError(
             f"teacher_logits is a vocabulary-sharded DTensor but student_logits is a {type(student_logits).__name__}; "
@@ -46,17 +44,12 @@ def vocab_parallel_distill_loss(
         terms = sparse_row_terms(s, replicated_teacher(teacher_logits), y, spec)
     else:
         terms = VocabParallelRowTerms.apply(s, t, y, spec)
-    soft, hard = masked_terms(*terms, y, mask, ignore_index)
-    weights, soft_norm, hard_norm = _row_weights(
-        s, y, mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
-        ignore_index=ignore_index, reduction=reduction, batch=lead[0] if len(lead) > 0 else 1,
-        num_items_in_batch=num_items_in_batch,
-    )
     t_dtype = teacher_logits.values.dtype if sparse else t.dtype
-    loss_dtype = torch.float64 if torch.float64 in (s.dtype, t_dtype) else torch.float32
-    loss_rows = (weights[0] * soft + weights[1] * hard).to(loss_dtype)
-    return _reduced_terms(loss_rows, soft.to(loss_dtype).detach(), hard.to(loss_dtype).detach(), lead, reduction,
-                          soft_norm, hard_norm, return_terms)
+    return reduced_loss(
+        *terms, target=y, soft_mask=mask, lead=lead,
+        loss_dtype=torch.float64 if torch.float64 in (s.dtype, t_dtype) else torch.float32, alpha=alpha,
+        temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, return_terms=return_terms)
 
 
 def _check_target_range(y: torch.Tensor, vocab: int, ignore_index: int) -> None:

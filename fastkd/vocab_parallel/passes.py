@@ -36,7 +36,7 @@ def divergence_sums(student: torch.Tensor, teacher: torch.Tensor, frame: torch.T
                     divergence: str, beta: float) -> torch.Tensor:
     if _kernel(student):
         return _ops.vocab_parallel_sums(student, teacher, frame, temperature, divergence, beta)
-    f, qg, ph = _element_terms(student, teacher, frame, temperature, divergence, beta)
+    f, qg, ph = _element_terms(*_probabilities(student, teacher, frame, temperature), divergence, beta)
     return torch.stack([f.sum(-1), qg.sum(-1), ph.sum(-1)], dim=1)
 
 
@@ -115,10 +115,9 @@ def _probabilities(student, teacher, frame, temperature):
     return p, q, d
 
 
-def _element_terms(student, teacher, frame, temperature, divergence, beta):
-    """f, qg = q df/dq, ph = p df/dp at every local element (divergence_row.h), 0 where the probability
-    they multiply is 0."""
-    p, q, d = _probabilities(student, teacher, frame, temperature)
+def _element_terms(p, q, d, divergence, beta):
+    """f, qg = q df/dq, ph = p df/dp at every local element (divergence_row.h) from _probabilities' p, q and
+    d = log p - log q, 0 where the probability they multiply is 0."""
     zero = torch.zeros_like(p)
     if divergence == "forward_kl":
         f = torch.where(p > 0, p * d, zero)
@@ -151,8 +150,8 @@ def _gradients_torch(student, teacher, target, frame, coeffs, temperature, ignor
     acc = _acc(student, teacher)
     k = coeffs.to(acc)
     soft, hard = k[:, 0:1], k[:, 1:2]
-    _f, qg, ph = _element_terms(student, teacher, frame, temperature, divergence, beta)
-    p, q, _d = _probabilities(student, teacher, frame, temperature)
+    p, q, d = _probabilities(student, teacher, frame, temperature)
+    _f, qg, ph = _element_terms(p, q, d, divergence, beta)
     active = (soft != 0)
     gs = gt = None
     if student_grad:

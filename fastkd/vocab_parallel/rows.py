@@ -16,6 +16,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.autograd.function import once_differentiable
 from torch.distributed.device_mesh import DeviceMesh
 
+from fastkd.terms import DistillTerms
 from fastkd.vocab_parallel import passes
 
 _NINF = float("-inf")
@@ -88,16 +89,29 @@ def row_terms(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor
     return RowTerms(sums[:, 0], hard, frame, sums)
 
 
-def masked_terms(soft: torch.Tensor, hard: torch.Tensor, target: torch.Tensor | None, soft_mask: torch.Tensor | None,
-                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """0 (with a zero gradient) for the rows outside S (soft) and H (hard), as distill_loss defines them."""
+def reduced_loss(soft: torch.Tensor, hard: torch.Tensor, *, target: torch.Tensor | None,
+                 soft_mask: torch.Tensor | None, lead: torch.Size, loss_dtype: torch.dtype, alpha: float,
+                 temperature: float, scale_by_temperature_squared: bool, ignore_index: int, reduction: str,
+                 num_items_in_batch: int | torch.Tensor | None, return_terms: bool) -> torch.Tensor | DistillTerms:
+    """The (rows,) soft and hard terms masked, weighted and reduced as distill_loss defines them, through the
+    unsharded path's weights and reduction; autograd carries each row's coefficient to the passes."""
+    from fastkd.functional import _reduced_terms, _row_weights
+
+    # 0, with a zero gradient, for the rows outside S (soft) and H (hard).
     hard_rows = target != ignore_index if target is not None else None
     soft_rows = soft_mask if soft_mask is not None else hard_rows
     if soft_rows is not None:
         soft = torch.where(soft_rows, soft, torch.zeros_like(soft))
     if hard_rows is not None:
         hard = torch.where(hard_rows, hard, torch.zeros_like(hard))
-    return soft, hard
+    weights, soft_norm, hard_norm = _row_weights(
+        soft, target, soft_mask, alpha=alpha, soft_scale=temperature**2 if scale_by_temperature_squared else 1.0,
+        ignore_index=ignore_index, reduction=reduction, batch=lead[0] if len(lead) > 0 else 1,
+        num_items_in_batch=num_items_in_batch,
+    )
+    loss_rows = (weights[0] * soft + weights[1] * hard).to(loss_dtype)
+    return _reduced_terms(loss_rows, soft.to(loss_dtype).detach(), hard.to(loss_dtype).detach(), lead, reduction,
+                          soft_norm, hard_norm, return_terms)
 
 
 class VocabParallelRowTerms(torch.autograd.Function):
