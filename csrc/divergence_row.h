@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "distill_row.h"
 
@@ -31,6 +32,21 @@ enum class Divergence : int {
   SkewForwardKL = 4,  // KL(p || beta p + (1 - beta) q)    (DistiLLM, Ko et al. 2024)
   SkewReverseKL = 5,  // KL(q || beta q + (1 - beta) p)    (DistiLLM)
 };
+
+// Calls f(std::integral_constant<Divergence, kind>{}): the one switch from a run-time divergence to the
+// compile-time one of a kernel's template (host code: launches and CPU row workers).
+template <class F>
+decltype(auto) visit_divergence(Divergence kind, F&& f) {
+  using D = Divergence;
+  switch (kind) {
+    case D::ReverseKL: return f(std::integral_constant<D, D::ReverseKL>{});
+    case D::JSD: return f(std::integral_constant<D, D::JSD>{});
+    case D::TVD: return f(std::integral_constant<D, D::TVD>{});
+    case D::SkewForwardKL: return f(std::integral_constant<D, D::SkewForwardKL>{});
+    case D::SkewReverseKL: return f(std::integral_constant<D, D::SkewReverseKL>{});
+    default: return f(std::integral_constant<D, D::ForwardKL>{});
+  }
+}
 
 // beta, and its complement computed once in double so that 1 - beta keeps its low bits.
 struct DivergenceParams {

@@ -258,14 +258,9 @@ class RowWorker {
   // Passes 2 and 3 of a divergence other than forward KL; returns D(p, q).
   double divergence_passes(const RowStats<double>& st, const RowCoeffs<double>& cd, const RowCoeffs<acc_t>& c,
                            int64_t y, bool want_grad) {
-    switch (a_.divergence.kind) {
-      case Divergence::ReverseKL: return divergence_passes<Divergence::ReverseKL>(st, cd, c, y, want_grad);
-      case Divergence::JSD: return divergence_passes<Divergence::JSD>(st, cd, c, y, want_grad);
-      case Divergence::TVD: return divergence_passes<Divergence::TVD>(st, cd, c, y, want_grad);
-      case Divergence::SkewForwardKL: return divergence_passes<Divergence::SkewForwardKL>(st, cd, c, y, want_grad);
-      case Divergence::SkewReverseKL: return divergence_passes<Divergence::SkewReverseKL>(st, cd, c, y, want_grad);
-      default: return divergence_passes<Divergence::ForwardKL>(st, cd, c, y, want_grad);
-    }
+    return visit_divergence(a_.divergence.kind, [&](auto kind) {
+      return divergence_passes<decltype(kind)::value>(st, cd, c, y, want_grad);
+    });
   }
 
   template <Divergence kKind>

@@ -205,33 +205,18 @@ void run_stats(const VpArgs& a) {
   return stats_rows<acc_t, false, false>(a);
 }
 
-// Calls Run<kKind>::template go<acc_t>(a) for the divergence a names.
-template <template <Divergence> class Run, class acc_t>
-void for_divergence(const VpArgs& a) {
-  switch (a.divergence.kind) {
-    case Divergence::ReverseKL: return Run<Divergence::ReverseKL>::template go<acc_t>(a);
-    case Divergence::JSD: return Run<Divergence::JSD>::template go<acc_t>(a);
-    case Divergence::TVD: return Run<Divergence::TVD>::template go<acc_t>(a);
-    case Divergence::SkewForwardKL: return Run<Divergence::SkewForwardKL>::template go<acc_t>(a);
-    case Divergence::SkewReverseKL: return Run<Divergence::SkewReverseKL>::template go<acc_t>(a);
-    default: return Run<Divergence::ForwardKL>::template go<acc_t>(a);
-  }
+template <class acc_t>
+void run_sums(const VpArgs& a) {
+  visit_divergence(a.divergence.kind, [&](auto kind) { sums_rows<decltype(kind)::value, acc_t>(a); });
 }
 
-template <Divergence kKind>
-struct RunSums {
-  template <class acc_t>
-  static void go(const VpArgs& a) { sums_rows<kKind, acc_t>(a); }
-};
-
-template <Divergence kKind>
-struct RunGradients {
-  template <class acc_t>
-  static void go(const VpArgs& a) {
-    if (a.grad_teacher != nullptr) return gradient_rows<kKind, acc_t, true>(a);
-    gradient_rows<kKind, acc_t, false>(a);
-  }
-};
+template <class acc_t>
+void run_gradients(const VpArgs& a) {
+  visit_divergence(a.divergence.kind, [&](auto kind) {
+    if (a.grad_teacher != nullptr) return gradient_rows<decltype(kind)::value, acc_t, true>(a);
+    gradient_rows<decltype(kind)::value, acc_t, false>(a);
+  });
+}
 
 bool float64(const VpArgs& a) { return a.student_dtype == c10::ScalarType::Double; }
 
@@ -243,11 +228,11 @@ void FASTKD_CAT(vp_stats_, FASTKD_ISA)(const VpArgs& a) {
 }
 
 void FASTKD_CAT(vp_sums_, FASTKD_ISA)(const VpArgs& a) {
-  float64(a) ? for_divergence<RunSums, double>(a) : for_divergence<RunSums, float>(a);
+  float64(a) ? run_sums<double>(a) : run_sums<float>(a);
 }
 
 void FASTKD_CAT(vp_gradients_, FASTKD_ISA)(const VpArgs& a) {
-  float64(a) ? for_divergence<RunGradients, double>(a) : for_divergence<RunGradients, float>(a);
+  float64(a) ? run_gradients<double>(a) : run_gradients<float>(a);
 }
 
 }  // namespace fastkd::cpu

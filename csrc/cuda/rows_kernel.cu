@@ -102,18 +102,9 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowsKernelArgs a) {
 template <class X>
 void launch_for(const RowsKernelArgs& a, cudaStream_t stream) {
   const int64_t blocks = a.rows < 65535 ? a.rows : 65535;
-  switch (a.divergence) {
-    case Divergence::ReverseKL: rows_kernel<X, Divergence::ReverseKL><<<unsigned(blocks), kThreads, 0, stream>>>(a); break;
-    case Divergence::JSD: rows_kernel<X, Divergence::JSD><<<unsigned(blocks), kThreads, 0, stream>>>(a); break;
-    case Divergence::TVD: rows_kernel<X, Divergence::TVD><<<unsigned(blocks), kThreads, 0, stream>>>(a); break;
-    case Divergence::SkewForwardKL:
-      rows_kernel<X, Divergence::SkewForwardKL><<<unsigned(blocks), kThreads, 0, stream>>>(a);
-      break;
-    case Divergence::SkewReverseKL:
-      rows_kernel<X, Divergence::SkewReverseKL><<<unsigned(blocks), kThreads, 0, stream>>>(a);
-      break;
-    default: rows_kernel<X, Divergence::ForwardKL><<<unsigned(blocks), kThreads, 0, stream>>>(a); break;
-  }
+  visit_divergence(a.divergence, [&](auto kind) {
+    rows_kernel<X, decltype(kind)::value><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+  });
 }
 
 }  // namespace

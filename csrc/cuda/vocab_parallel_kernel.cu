@@ -139,18 +139,7 @@ void launch_for(const VpKernelArgs& a, cudaStream_t stream) {
   const unsigned blocks = unsigned(a.rows < 65535 ? a.rows : 65535);
   // Pass 1 does not depend on the divergence: one instance.
   const Divergence kind = a.pass == VpPass::Stats ? Divergence::ForwardKL : a.divergence;
-  switch (kind) {
-    case Divergence::ReverseKL: vocab_parallel_kernel<X, Divergence::ReverseKL><<<blocks, kThreads, 0, stream>>>(a); break;
-    case Divergence::JSD: vocab_parallel_kernel<X, Divergence::JSD><<<blocks, kThreads, 0, stream>>>(a); break;
-    case Divergence::TVD: vocab_parallel_kernel<X, Divergence::TVD><<<blocks, kThreads, 0, stream>>>(a); break;
-    case Divergence::SkewForwardKL:
-      vocab_parallel_kernel<X, Divergence::SkewForwardKL><<<blocks, kThreads, 0, stream>>>(a);
-      break;
-    case Divergence::SkewReverseKL:
-      vocab_parallel_kernel<X, Divergence::SkewReverseKL><<<blocks, kThreads, 0, stream>>>(a);
-      break;
-    default: vocab_parallel_kernel<X, Divergence::ForwardKL><<<blocks, kThreads, 0, stream>>>(a); break;
-  }
+  visit_divergence(kind, [&](auto k) { vocab_parallel_kernel<X, decltype(k)::value><<<blocks, kThreads, 0, stream>>>(a); });
 }
 
 }  // namespace
