@@ -1,27 +1,15 @@
 """benchmarks/bench_fused_linear.py runs end to end on tiny shapes and writes its three files."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fused_linear.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_fused_linear", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve the script's string annotations through it
-    spec.loader.exec_module(mod)
-    return mod
+from _bench_scripts import load_script
 
 
 def test_tiny_run_writes_results(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    bench = _load()
+    bench = load_script("bench_fused_linear")
     rc = bench.main(["--n", "64", "--h-student", "16", "--h-teacher", "32", "--vocab", "300", "--sweep", "32,64",
                      "--rounds", "3", "--sweep-rounds", "3", "--no-liger", "--load-limit", "1e9",
                      "--threads", "1", "--out", str(tmp_path), "--machine", "smoke"])

@@ -3,9 +3,6 @@ DistributedDataParallel and FSDP2; each FSDP2 process holds half of the student'
 and optimizer state, and half of the teacher, that a DDP process holds (local shard sizes: exact)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
 
@@ -14,22 +11,16 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not hasattr(fsdp, "fully_shard"):
     pytest.skip("torch.distributed with FSDP2 (fully_shard) is needed", allow_module_level=True)
 
-_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from _bench_scripts import BENCHMARKS, import_by_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # importable by name: the spawned processes unpickle the worker from it
-    sys.path.insert(0, str(_BENCHMARKS))
-    try:
-        import bench_sharded_memory
-    finally:
-        sys.path.remove(str(_BENCHMARKS))
-    return bench_sharded_memory
+    return import_by_name("bench_sharded_memory")
 
 
 def test_fsdp2_holds_half_of_what_ddp_holds_per_process(bench, monkeypatch):
-    monkeypatch.syspath_prepend(str(_BENCHMARKS))  # for the spawned processes
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # for the spawned processes
     ddp, fsdp2 = (bench.measure(mode, bench.TINY, world=2) for mode in ("ddp", "fsdp2"))
     assert [r["rank"] for r in fsdp2] == [0, 1]
     for d, f in zip(ddp, fsdp2, strict=True):

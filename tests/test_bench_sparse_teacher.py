@@ -1,26 +1,16 @@
 """benchmarks/bench_sparse_teacher.py runs end to end on tiny shapes and writes its two files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sparse_teacher.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_sparse_teacher", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _bench_scripts import load_script
 
 
 def test_tiny_run_writes_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on sys.path
-    bench = _load()
+    bench = load_script("bench_sparse_teacher")
     rc = bench.main(["--n", "48", "--vocab", "300", "--k", "8", "--rounds", "3", "--warmup", "1",
                      "--load-limit", "1e9", "--threads", "1", "--out", str(tmp_path), "--machine", "smoke"])
     assert rc == 0

@@ -2,10 +2,8 @@
 the float64 reference, the two trainers' first steps give the same loss, and nothing is written unless asked."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +13,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
+from _bench_scripts import load_script  # noqa: E402
+
 from fastkd import reference  # noqa: E402
-
-_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_trl.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_trl", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on sys.path
-    return _load()
+    return load_script("bench_trl")
 
 
 def _reference_loss(bench, n: int, a: dict, divergence: str) -> float:

@@ -4,33 +4,24 @@ N x V/P fp32 of both sides), CommDebugMode sees the same collectives, and the vo
 gathered paths agree."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
 
 if not dist.is_available():
     pytest.skip("torch.distributed is needed", allow_module_level=True)
 
-_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from _bench_scripts import BENCHMARKS, import_by_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # importable by name: the spawned processes unpickle the worker from it
-    sys.path.insert(0, str(_BENCHMARKS))
-    try:
-        import bench_vocab_parallel
-    finally:
-        sys.path.remove(str(_BENCHMARKS))
-    return bench_vocab_parallel
+    return import_by_name("bench_vocab_parallel")
 
 
 @pytest.fixture(scope="module")
 def ranks(bench):
     mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(_BENCHMARKS))  # for the spawned processes
+    mp.syspath_prepend(str(BENCHMARKS))  # for the spawned processes
     try:
         return bench.measure(bench.SMOKE, world=2)
     finally:
