@@ -10,7 +10,21 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/launch.h"  // DType
+
 namespace fastkd::cuda {
+
+// Calls f(std::type_identity<X>{}) with X the logit type `dtype` names: the one switch from the glue's
+// DType to a kernel's template (host code: the launches).
+template <class F>
+decltype(auto) visit_logit_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::BFloat16: return f(std::type_identity<__nv_bfloat16>{});
+    case DType::Half: return f(std::type_identity<__half>{});
+    case DType::Double: return f(std::type_identity<double>{});
+    default: return f(std::type_identity<float>{});
+  }
+}
 
 // Accumulation type of a logit type: fp32 for everything but fp64.
 template <class X>

@@ -65,12 +65,9 @@ void launch_typed(void* grad, int64_t rows, int64_t cols, const void* go, bool p
 void launch_scale_grad(void* grad, DType grad_dtype, int64_t rows, int64_t cols, const void* grad_output,
                        bool per_row, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return;
-  switch (grad_dtype) {
-    case DType::Float: return launch_typed<float>(grad, rows, cols, grad_output, per_row, stream);
-    case DType::BFloat16: return launch_typed<__nv_bfloat16>(grad, rows, cols, grad_output, per_row, stream);
-    case DType::Half: return launch_typed<__half>(grad, rows, cols, grad_output, per_row, stream);
-    case DType::Double: return launch_typed<double>(grad, rows, cols, grad_output, per_row, stream);
-  }
+  visit_logit_type(grad_dtype, [&](auto x) {
+    launch_typed<typename decltype(x)::type>(grad, rows, cols, grad_output, per_row, stream);
+  });
 }
 
 }  // namespace fastkd::cuda

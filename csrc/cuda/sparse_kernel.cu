@@ -250,12 +250,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseKernelArgs a) {
 using SparseKernel = void (*)(SparseKernelArgs);
 
 SparseKernel kernel_for(DType dtype) {
-  switch (dtype) {
-    case DType::BFloat16: return sparse_kernel<__nv_bfloat16>;
-    case DType::Half: return sparse_kernel<__half>;
-    case DType::Double: return sparse_kernel<double>;
-    default: return sparse_kernel<float>;
-  }
+  return visit_logit_type(dtype, [](auto x) -> SparseKernel { return sparse_kernel<typename decltype(x)::type>; });
 }
 
 }  // namespace

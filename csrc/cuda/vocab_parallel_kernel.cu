@@ -146,12 +146,7 @@ void launch_for(const VpKernelArgs& a, cudaStream_t stream) {
 
 void launch_vocab_parallel_kernel(const VpKernelArgs& a, cudaStream_t stream) {
   if (a.rows <= 0) return;
-  switch (a.dtype) {
-    case DType::BFloat16: return launch_for<__nv_bfloat16>(a, stream);
-    case DType::Half: return launch_for<__half>(a, stream);
-    case DType::Double: return launch_for<double>(a, stream);
-    default: return launch_for<float>(a, stream);
-  }
+  visit_logit_type(a.dtype, [&](auto x) { launch_for<typename decltype(x)::type>(a, stream); });
 }
 
 }  // namespace fastkd::cuda
